@@ -1,0 +1,1 @@
+"""The `vistralv-ray` command line: one module per group of sub-commands, registered in main."""

@@ -1,0 +1,147 @@
+"""The one typed config tree of a vistralv-ray run: model, data, training, scaling and run settings.
+
+Every field has a default so that a recipe YAML only states what differs. `Literal` types are the
+allowed values of a field; the loader checks them and names the key when a value is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["align", "finetune"]
+LrRule = Literal["linear", "sqrt", "none"]
+
+# LLaVA-1.5's reference global batches (REFERENCE.md): the learning rates of its recipes are
+# tuned for these, and the scaling rule rescales from them.
+REFERENCE_BATCH = {"align": 256, "finetune": 128}
+
+VISTRAL_LM = "Viet-Mistral/Vistral-7B-Chat"
+SIGLIP_TOWER = "google/siglip-base-patch16-256-multilingual"
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    # Linear layers of the language model that get adapters (Mistral names).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    language_model: str = VISTRAL_LM
+    vision_tower: str = SIGLIP_TOWER
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["full", "default"] = "full"
+    # None: take the vision tower's own image size.
+    image_size: int | None = None
+    aspect: Literal["resize", "pad"] = "pad"
+    template: Literal["vistral", "plain", "native"] = "vistral"
+    # None: the template's default (Vistral-V's Vietnamese system prompt for `vistral`).
+    system_prompt: str | None = None
+    max_length: int = 2048
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # An align run (directory, checkpoint or run name under run.storage) whose projector starts finetune.
+    init_projector_from: str | None = None
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    # Parquet shard URIs or directories, local or s3://.
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    per_device_batch: int = 8
+    # pack: several samples per row with per-sample attention; group: length-grouped padded batches.
+    batching: Literal["pack", "group", "pad"] = "pack"
+    # Token budget of one packed row; None: model.max_length.
+    pack_length: int | None = None
+    shuffle: bool = True
+    # Images above this many pixels are rejected as decompression bombs.
+    max_image_pixels: int = 89_478_485
+    preprocess_actors: int = 1
+    preprocess_cpus_per_actor: float = 1.0
+    read_cpus: float = 0.25
+    # Custom resources the preprocessing actors ask for (e.g. {"cpu_node": 0.01} to keep them off GPU nodes).
+    preprocess_resources: dict[str, float] = field(default_factory=dict)
+    prefetch_batches: int = 2
+    # Records per preprocessing call.
+    map_batch_size: int = 32
+
+
+@dataclass
+class TrainConfig:
+    stage: Stage = "align"
+    epochs: int = 1
+    # Overrides epochs when set.
+    max_steps: int | None = None
+    grad_accum: int = 1
+    base_lr: float = 1e-3
+    lr_rule: LrRule = "linear"
+    # None: LLaVA's reference batch for the stage (256 align, 128 finetune).
+    reference_batch: int | None = None
+    # Projector LR as a multiple of the effective LR in finetune (Vistral-V: 0.1, LLaVA LoRA: 2e-5/2e-4).
+    projector_lr_scale: float = 1.0
+    warmup_ratio: float = 0.03
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # auto: bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int | None = None
+    log_every: int = 10
+    seed: int = 42
+
+
+@dataclass
+class ScalingSettings:
+    workers: int = 1
+    # auto: GPUs when the cluster has them.
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 0
+
+
+@dataclass
+class RunSettings:
+    # None: derived from stage and seed, e.g. "align-seed42"; stable so that a rerun resumes.
+    name: str | None = None
+    storage: str = "~/vistralv-runs"
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "vistralv-ray"
+    wandb_group: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.train.stage}-seed{self.train.seed}"
+
+    @property
+    def reference_batch(self) -> int:
+        return self.train.reference_batch or REFERENCE_BATCH[self.train.stage]
+
+    @property
+    def global_batch(self) -> int:
+        return self.scaling.workers * self.data.per_device_batch * self.train.grad_accum

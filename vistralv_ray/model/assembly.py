@@ -1,0 +1,206 @@
+"""Assemble Vistral-V as transformers' `LlavaForConditionalGeneration` and freeze it by stage.
+
+The language model (Mistral family) and the SigLIP vision tower are loaded with their own
+`from_pretrained` (hub id or local path) and placed into a Llava shell built on the meta device, so
+no second random copy of a 7B model is ever initialised. Only the projector is created fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionModel
+
+from vistralv_ray.config.schema import LoraSettings, ModelConfig
+from vistralv_ray.logging import get_logger
+from vistralv_ray.text.templates import IMAGE_TOKEN, chat_template_for
+from vistralv_ray.text.tokenizer import load_tokenizer, prepare_tokenizer
+
+log = get_logger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+@dataclass
+class AssembledModel:
+    model: torch.nn.Module  # LlavaForConditionalGeneration, or a peft wrapper of it
+    tokenizer: object
+    chat_template: str
+    image_size: int
+    image_seq_length: int
+
+
+def image_seq_length(vision_config, strategy: str) -> int:
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    # "default" drops the first feature (CLIP's CLS token); SigLIP has none, so "full" is right for it.
+    return patches if strategy == "full" else patches - 1
+
+
+def build_llava_config(model_cfg: ModelConfig, vision_config, text_config, image_token_id: int) -> LlavaConfig:
+    if model_cfg.projector != "mlp2x_gelu":
+        raise ValueError(f"model.projector: unknown projector {model_cfg.projector!r}; allowed: mlp2x_gelu")
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=image_seq_length(vision_config, model_cfg.vision_feature_select_strategy),
+        projector_hidden_act="gelu",
+        vision_feature_layer=model_cfg.vision_feature_layer,
+        vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
+
+
+def resolve_attn_implementation(requested: str, on_gpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    if on_gpu:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def build_tokenizer(model_cfg: ModelConfig):
+    tokenizer = load_tokenizer(model_cfg.language_model)
+    template = chat_template_for(model_cfg, native=getattr(tokenizer, "chat_template", None))
+    return prepare_tokenizer(tokenizer, template), template
+
+
+def build_model(
+    model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> AssembledModel:
+    """Load the language model and vision tower and join them with a fresh mlp2x_gelu projector."""
+    tokenizer, template = build_tokenizer(model_cfg)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model_cfg.language_model, dtype=dtype, attn_implementation=attn_implementation
+    )
+    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vision = SiglipVisionModel.from_pretrained(
+        model_cfg.vision_tower, dtype=dtype, attn_implementation=attn_implementation
+    )
+    if model_cfg.image_size is not None and model_cfg.image_size != vision.config.image_size:
+        raise ValueError(
+            f"model.image_size: {model_cfg.image_size} differs from the vision tower's {vision.config.image_size}"
+        )
+    config = build_llava_config(model_cfg, vision.config, lm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    projector = model.model.multi_modal_projector.to_empty(device="cpu")
+    torch.manual_seed(0)  # the fresh projector is the same on every rank and every run
+    for layer in (projector.linear_1, projector.linear_2):
+        layer.reset_parameters()
+    projector.to(dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.init_projector_from:
+        load_projector(model, model_cfg.init_projector_from)
+    return AssembledModel(
+        model=model,
+        tokenizer=tokenizer,
+        chat_template=template,
+        image_size=vision.config.image_size,
+        image_seq_length=config.image_seq_length,
+    )
+
+
+def llava_of(model: torch.nn.Module) -> LlavaForConditionalGeneration:
+    """The Llava model inside a peft wrapper, or the model itself."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    proj = llava_of(model).model.multi_modal_projector
+    return {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
+
+
+def save_projector(model: torch.nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(projector_state(model), str(path))
+
+
+def find_projector_file(source: str | Path) -> Path:
+    """A projector file, a directory holding one, or a run directory (its newest checkpoint)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if (path / PROJECTOR_FILE).is_file():
+        return path / PROJECTOR_FILE
+    if path.is_dir():
+        candidates = sorted(path.glob(f"**/{PROJECTOR_FILE}"), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return candidates[-1]
+    raise FileNotFoundError(f"model.init_projector_from: no {PROJECTOR_FILE} at or under {path}")
+
+
+def load_projector(model: torch.nn.Module, source: str | Path) -> Path:
+    from safetensors.torch import load_file
+
+    path = find_projector_file(source)
+    state = load_file(str(path))
+    proj = llava_of(model).model.multi_modal_projector
+    missing, unexpected = proj.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
+    log.info("projector initialised from %s", path)
+    return path
+
+
+def apply_stage(model: LlavaForConditionalGeneration, stage: str, lora: LoraSettings) -> torch.nn.Module:
+    """Freeze by stage; returns the model to train (a peft wrapper when LoRA is on)."""
+    if stage not in ("align", "finetune"):
+        raise ValueError(f"train.stage: unknown stage {stage!r}; allowed: align, finetune")
+    model.requires_grad_(False)
+    if stage == "finetune":
+        if lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = "|".join(lora.target_modules)
+            peft_cfg = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                # Adapters only on the language model's linear layers, never the vision tower.
+                target_modules=rf".*language_model.*\.({targets})",
+                bias="none",
+            )
+            model = get_peft_model(model, peft_cfg)
+        else:
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+    llava_of(model).model.multi_modal_projector.requires_grad_(True)
+    for line in describe_trainable(model):
+        log.info(line)
+    return model
+
+
+def describe_trainable(model: torch.nn.Module) -> list[str]:
+    """One line per top-level module: trainable or frozen, with parameter counts."""
+    base = llava_of(model)
+    parts = {
+        "vision_tower": base.model.vision_tower,
+        "multi_modal_projector": base.model.multi_modal_projector,
+        "language_model": base.model.language_model,
+        "lm_head": base.lm_head,
+    }
+    lines = []
+    for name, module in parts.items():
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        state = "frozen" if trainable == 0 else ("trainable" if trainable == total else "partly trainable (LoRA)")
+        lines.append(f"{name}: {state}, {trainable:,} of {total:,} parameters train")
+    return lines
