@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vistralv_ray.cli import assets, quickstart
+from vistralv_ray.cli import assets, data, quickstart
 
 # Each module has `register(subparsers)`; its parsers set `func` to the function that runs them.
-COMMAND_MODULES = [assets, quickstart]
+COMMAND_MODULES = [assets, data, quickstart]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RecordError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -73,6 +73,22 @@ def build_tokenizer(model_cfg: ModelConfig):
     return prepare_tokenizer(tokenizer, template), template
 
 
+def load_vision_config(path: str):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig.from_pretrained(path)
+
+
+def build_encoder(model_cfg: ModelConfig):
+    """The conversation encoder of this model (tokenizer + template + image tokens), without weights."""
+    from vistralv_ray.text.conversation import ConversationEncoder
+
+    tokenizer, template = build_tokenizer(model_cfg)
+    vision_config = load_vision_config(model_cfg.vision_tower)
+    n_image = image_seq_length(vision_config, model_cfg.vision_feature_select_strategy)
+    return ConversationEncoder(tokenizer, template, n_image, model_cfg.max_length)
+
+
 def build_model(
     model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> AssembledModel:

@@ -1,0 +1,80 @@
+"""Ray Data pipelines from Parquet shards (local or S3) to preprocessed rows, streamed to training.
+
+read_parquet -> Preprocessor actors on CPUs (decode, resize/pad, tokenize, mask) -> the trainer's
+`get_dataset_shard(...).iter_torch_batches(collate_fn=PackingCollate)`. Everything streams: the
+dataset is never materialised, so memory stays bounded whatever its size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow.parquet as pq
+
+from vistralv_ray.config.schema import Config
+from vistralv_ray.data import storage
+
+SHARD_COLUMNS = ["id", "image", "messages"]
+
+
+def shard_files(uris: list[str]) -> list[str]:
+    if not uris:
+        raise FileNotFoundError("no data given: set data.train (and data.eval) to shard files or directories")
+    return storage.list_parquet(uris)
+
+
+def count_records(files: list[str]) -> int:
+    """Rows in the shards, read from the Parquet footers only."""
+    total = 0
+    for uri in files:
+        fs, path = storage.filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def read_shards(files: list[str], cfg: Config, shuffle: bool):
+    import ray.data
+
+    fs, _ = storage.filesystem_for(files[0])
+    paths = [storage.filesystem_for(f)[1] for f in files]
+    kwargs = {}
+    if shuffle:
+        kwargs["shuffle"] = ray.data.FileShuffleConfig(seed=cfg.train.seed)
+    return ray.data.read_parquet(
+        paths,
+        filesystem=fs,
+        columns=SHARD_COLUMNS,
+        ray_remote_args={"num_cpus": cfg.data.read_cpus},
+        **kwargs,
+    )
+
+
+def preprocess(ds, cfg: Config):
+    import ray.data
+
+    from vistralv_ray.data.preprocess import Preprocessor
+
+    return ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs={"model_cfg": dataclasses.asdict(cfg.model), "max_pixels": cfg.data.max_image_pixels},
+        batch_size=cfg.data.map_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.preprocess_actors),
+        num_cpus=cfg.data.preprocess_cpus_per_actor,
+        resources=cfg.data.preprocess_resources or None,
+    )
+
+
+def build_datasets(cfg: Config) -> tuple[dict, dict[str, int]]:
+    """The Ray datasets for `TorchTrainer(datasets=...)` and their record counts."""
+    datasets, counts = {}, {}
+    for name, uris, shuffle in (("train", cfg.data.train, cfg.data.shuffle), ("eval", cfg.data.eval, False)):
+        if not uris:
+            continue
+        files = shard_files(uris)
+        counts[name] = count_records(files)
+        datasets[name] = preprocess(read_shards(files, cfg, shuffle), cfg)
+    if "train" not in datasets:
+        raise FileNotFoundError("data.train: no training shards given")
+    return datasets, counts
