@@ -63,6 +63,7 @@ class TrainBatch:
     num_samples: int
     num_tokens: int  # non-padding tokens
     num_target_tokens: int
+    sum_sq_lengths: int = 0  # sum of squared sample lengths: the attention cost of packed samples
     sample_ids: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (id, reason, detail)
     skipped: int = 0  # samples already trained on before a resume
@@ -85,6 +86,7 @@ class TrainBatch:
             num_samples=self.num_samples,
             num_tokens=self.num_tokens,
             num_target_tokens=self.num_target_tokens,
+            sum_sq_lengths=self.sum_sq_lengths,
             sample_ids=self.sample_ids,
             rejected=self.rejected,
             skipped=self.skipped,
@@ -134,6 +136,7 @@ def layout_batch(
         num_samples=len(lengths),
         num_tokens=int(sum(lengths)),
         num_target_tokens=int((targets != IGNORE_INDEX).sum()),
+        sum_sq_lengths=int(sum(n * n for n in lengths)),
     )
 
 

@@ -46,8 +46,11 @@ class Preprocessor:
             try:
                 messages = normalize_messages([dict(m) for m in batch["messages"][i]], has_image=image is not None)
                 encoded = self.encoder.encode(messages)
-                pixels = blank if image is None else decode_to_pixels(image, self.size, self.model_cfg.aspect,
-                                                                      self.max_pixels)
+                pixels = (
+                    blank
+                    if image is None
+                    else decode_to_pixels(image, self.size, self.model_cfg.aspect, self.max_pixels)
+                )
                 out_ids.append(encoded.input_ids)
                 out_labels.append(encoded.labels)
                 out_pixels.append(pixels)

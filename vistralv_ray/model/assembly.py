@@ -132,7 +132,9 @@ def build_model(
 
 
 def llava_of(model: torch.nn.Module) -> LlavaForConditionalGeneration:
-    """The Llava model inside a peft wrapper, or the model itself."""
+    """The Llava model inside a DeepSpeed engine and/or a peft wrapper, or the model itself."""
+    if hasattr(model, "module") and not isinstance(model, LlavaForConditionalGeneration):
+        model = model.module
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model

@@ -1,0 +1,221 @@
+"""`prepare`: every bad-input kind is rejected with its reason and counted; odd images are converted."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vistralv_ray.config.schema import ModelConfig
+from vistralv_ray.data.images import decode_to_pixels
+from vistralv_ray.data.prepare import PrepareOptions, prepare
+from vistralv_ray.errors import RecordError
+
+
+def qa(question="Màu gì?\n<image>", answer="Màu đỏ."):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def save(img: Image.Image, path, fmt="JPEG", **kw):
+    img.save(path, format=fmt, **kw)
+
+
+@pytest.fixture()
+def messy_source(tmp_path):
+    """A LLaVA JSON file with one record of each kind, good and bad, and its image folder."""
+    root = tmp_path / "images"
+    root.mkdir()
+    red = Image.new("RGB", (40, 30), (220, 20, 20))
+    save(red, root / "good.jpg")
+    save(red.convert("L"), root / "gray.png", "PNG")
+    rgba = Image.new("RGBA", (40, 30), (220, 20, 20, 255))
+    save(rgba, root / "rgba.png", "PNG")
+    save(red.convert("P", palette=Image.Palette.ADAPTIVE), root / "palette.gif", "GIF")
+    save(red.convert("CMYK"), root / "cmyk.jpg")
+    # EXIF orientation 6 (rotate 90 CW to display): stored 40x30, shown 30x40.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    left_red = Image.new("RGB", (40, 30), (20, 20, 220))
+    left_red.paste((220, 20, 20), (0, 0, 20, 30))
+    save(left_red, root / "rotated.jpg", exif=exif.tobytes())
+    (root / "corrupt.jpg").write_bytes(b"definitely not a jpeg")
+    buf = io.BytesIO()
+    save(red, buf)
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    save(Image.new("RGB", (300, 300), (1, 2, 3)), root / "huge.png", "PNG")
+    (tmp_path / "outside.jpg").write_bytes((root / "good.jpg").read_bytes())
+
+    records = [
+        {"id": "good", "image": "good.jpg", "conversations": qa()},
+        {"id": "text-only", "conversations": qa("Xin chào", "Chào bạn.")},
+        {"id": "gray", "image": "gray.png", "conversations": qa()},
+        {"id": "rgba", "image": "rgba.png", "conversations": qa()},
+        {"id": "palette", "image": "palette.gif", "conversations": qa()},
+        {"id": "cmyk", "image": "cmyk.jpg", "conversations": qa()},
+        {"id": "rotated", "image": "rotated.jpg", "conversations": qa()},
+        {"id": "missing", "image": "nope.jpg", "conversations": qa()},
+        {"id": "corrupt", "image": "corrupt.jpg", "conversations": qa()},
+        {"id": "truncated", "image": "truncated.jpg", "conversations": qa()},
+        {"id": "escape", "image": "../outside.jpg", "conversations": qa()},
+        {"id": "absolute", "image": str(tmp_path / "outside.jpg"), "conversations": qa()},
+        {"id": "bomb", "image": "huge.png", "conversations": qa()},
+        {"id": "no-answer", "image": "good.jpg", "conversations": qa()[:1]},
+        {"id": "order", "image": "good.jpg", "conversations": list(reversed(qa()))},
+        {"id": "two-tags", "image": "good.jpg", "conversations": qa("<image> và <image>")},
+        {"id": "empty", "image": "good.jpg", "conversations": qa(answer="  ")},
+        {"id": "long", "image": "good.jpg", "conversations": qa(answer="rất dài " * 80)},
+        "not a record",
+    ]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(records, ensure_ascii=False))
+    return src, root
+
+
+EXPECTED_REJECTS = {
+    "missing_image": 1,
+    "unreadable_image": 2,
+    "image_outside_root": 2,
+    "decompression_bomb": 1,
+    "no_assistant_turn": 1,
+    "roles_out_of_order": 1,
+    "too_many_image_tags": 1,
+    "empty_text": 1,
+    "too_long": 1,
+    "malformed_record": 1,
+}
+
+
+def options(tmp_path, root, tiny_model_config: ModelConfig, **kw):
+    return PrepareOptions(
+        image_root=str(root),
+        out=str(tmp_path / "shards"),
+        shard_size=4,
+        max_pixels=200 * 200,
+        model=tiny_model_config,
+        fmt="llava",
+        **kw,
+    )
+
+
+def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_model_config):
+    src, root = messy_source
+    tiny_model_config.max_length = 120
+    manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
+    assert manifest["records_in"] == 19
+    assert manifest["rejected"] == EXPECTED_REJECTS
+    assert manifest["records_out"] == 7
+    rejected = [json.loads(line) for line in (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == sum(EXPECTED_REJECTS.values())
+    by_id = {r["id"]: r["reason"] for r in rejected}
+    assert by_id["escape"] == by_id["absolute"] == "image_outside_root"
+    assert (
+        by_id["bomb"] == "decompression_bomb" and by_id["long"] == "too_long" and by_id["row-18"] == "malformed_record"
+    )
+    kept = [pq.read_table(tmp_path / "shards" / s["name"]) for s in manifest["shards"]]
+    ids = sorted(i for t in kept for i in t.column("id").to_pylist())
+    assert ids == sorted(["good", "text-only", "gray", "rgba", "palette", "cmyk", "rotated"])
+    assert set(ids) | set(by_id) == {
+        r.get("id", "row-18") if isinstance(r, dict) else "row-18" for r in json.loads(src.read_text())
+    }
+
+
+def test_odd_images_are_converted_correctly(tmp_path, messy_source, tiny_model_config):
+    src, root = messy_source
+    manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
+    rows = {}
+    for shard in manifest["shards"]:
+        for row in pq.read_table(tmp_path / "shards" / shard["name"]).to_pylist():
+            rows[row["id"]] = row
+    assert rows["text-only"]["image"] is None
+    assert Image.open(io.BytesIO(rows["palette"]["image"])).format == "PNG"  # GIF re-encoded
+    assert rows["good"]["image"] == (root / "good.jpg").read_bytes()  # JPEG kept byte for byte
+    for rid in ("good", "rgba", "palette", "cmyk"):
+        px = decode_to_pixels(rows[rid]["image"], 16, "resize").astype(int)
+        assert px.shape == (16, 16, 3)
+        assert abs(px[8, 8] - [220, 20, 20]).max() < 40, (rid, px[8, 8])
+    gray = decode_to_pixels(rows["gray"]["image"], 16, "resize")
+    assert gray.shape == (16, 16, 3) and gray[8, 8, 0] == gray[8, 8, 1] == gray[8, 8, 2]
+    # Orientation applied: the red half that was on the left of the stored image is now on top.
+    rot = decode_to_pixels(rows["rotated"]["image"], 16, "resize").astype(int)
+    assert rot[2, 8, 0] > 150 and rot[13, 8, 2] > 150
+
+
+def test_pad_keeps_aspect_with_grey_fill():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32), (220, 20, 20)).save(buf, "PNG")
+    px = decode_to_pixels(buf.getvalue(), 32, "pad")
+    assert tuple(px[1, 16]) == (127, 127, 127) and tuple(px[16, 16]) == (220, 20, 20)
+    px = decode_to_pixels(buf.getvalue(), 32, "resize")
+    assert tuple(px[1, 16]) == (220, 20, 20)
+
+
+def test_strict_names_the_first_bad_record_and_leaves_no_shards(tmp_path, messy_source, tiny_model_config):
+    src, root = messy_source
+    with pytest.raises(RecordError, match="record 'missing': missing_image"):
+        prepare(src, options(tmp_path, root, tiny_model_config, strict=True), parallel=False, progress=False)
+    assert not list((tmp_path / "shards").glob("*.parquet"))
+
+
+def test_existing_output_is_never_overwritten(tmp_path, messy_source, tiny_model_config):
+    src, root = messy_source
+    opts = options(tmp_path, root, tiny_model_config)
+    prepare(src, opts, parallel=False, progress=False)
+    with pytest.raises(FileExistsError, match="already holds prepared shards"):
+        prepare(src, opts, parallel=False, progress=False)
+
+
+def test_vista_and_caption_formats(tmp_path, tiny_model_config):
+    import pyarrow as pa
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (20, 20), (0, 200, 0)).save(root / "a.jpg")
+    vista = pa.Table.from_pylist(
+        [
+            {
+                "id": "v1",
+                "image": "a.jpg",
+                "conversation": [{"role": "user", "content": "Màu gì?"}, {"role": "assistant", "content": "Xanh lá."}],
+            },
+            {"id": "v2", "image": "a.jpg", "conversation": [{"role": "user", "content": "Màu gì?"}]},
+        ]
+    )
+    pq.write_table(vista, tmp_path / "vista.parquet")
+    m = prepare(
+        tmp_path / "vista.parquet",
+        PrepareOptions(str(root), str(tmp_path / "v"), fmt="vista"),
+        parallel=False,
+        progress=False,
+    )
+    assert (m["records_out"], m["rejected"]) == (1, {"no_assistant_turn": 1})
+    (tmp_path / "caps.jsonl").write_text(
+        json.dumps({"image": "a.jpg", "caption": "Một bức ảnh màu xanh lá."}, ensure_ascii=False) + "\n{broken\n"
+    )
+    m = prepare(
+        tmp_path / "caps.jsonl",
+        PrepareOptions(str(root), str(tmp_path / "c"), fmt="captions"),
+        parallel=False,
+        progress=False,
+    )
+    assert (m["records_out"], m["rejected"]) == (1, {"malformed_record": 1})
+    row = pq.read_table(tmp_path / "c" / "part-00000.parquet").to_pylist()[0]
+    assert row["messages"][0]["content"].startswith("<image>\n")
+    assert row["messages"][1] == {"role": "assistant", "content": "Một bức ảnh màu xanh lá."}
+
+
+def test_packed_rows_hold_all_tokens():
+    from vistralv_ray.data.packing import layout_batch, pack_sequences
+
+    rows = pack_sequences([5, 9, 3, 7, 2], capacity=10)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows)
+    ids = [np.arange(n) + 10 for n in (5, 3)]
+    batch = layout_batch(ids, ids, [None, None], pad_id=0, mode="pack", pack_length=None, image_shape=(4, 4, 3))
+    assert batch.input_ids.shape == (1, 8)
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    # The last token of each sample predicts nothing: no sample learns its neighbour's first token.
+    assert batch.targets.tolist() == [[11, 12, 13, 14, -100, 11, 12, -100]]

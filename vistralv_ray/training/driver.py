@@ -1,0 +1,156 @@
+"""The Ray layer: datasets, ScalingConfig, RunConfig and the TorchTrainer; nothing else happens here.
+
+Runs on an embedded `ray.init()` (local mode, CPU or one GPU) or on a cluster (`ray job submit`,
+RAY_ADDRESS set). A run lives at `run.storage/<run name>`: re-running with the same name resumes
+from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from vistralv_ray.config.loader import config_to_dict
+from vistralv_ray.config.schema import Config
+from vistralv_ray.data import storage
+from vistralv_ray.logging import get_logger
+from vistralv_ray.training.scaling import lr_plan
+
+log = get_logger(__name__)
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local one sized for this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV)
+    if os.environ.get("DS_ACCELERATOR"):
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    # Local mode: logical CPUs are a scheduling budget. On a small machine, make room for the train
+    # workers plus the preprocessing actors, reads and Ray Data's file listing task (1 CPU), so that
+    # Ray Data never waits behind Train's reservation (`backpressured:tasks(ResourceBudget)`).
+    s, d = cfg.scaling, cfg.data
+    needed = s.workers * s.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus_per_actor + 1 + 2 * d.read_cpus
+    cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True)
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.scaling.use_gpu)
+
+
+def storage_location(cfg: Config):
+    """(storage_path for RunConfig, storage_filesystem or None, local run directory or None)."""
+    if storage.is_s3(cfg.run.storage):
+        fs, path = storage.filesystem_for(cfg.run.storage)
+        return path, fs, None
+    root = Path(cfg.run.storage).expanduser().resolve()
+    return str(root), None, root / cfg.run_name
+
+
+def planned_steps(cfg: Config, train_records: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): full global batches only, so every rank has data every step."""
+    per_epoch = train_records // cfg.global_batch
+    if per_epoch < 1:
+        raise ValueError(
+            f"data.train: {train_records} records are fewer than one global batch of {cfg.global_batch} "
+            "(scaling.workers x data.per_device_batch x train.grad_accum)"
+        )
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return per_epoch, total
+
+
+def write_run_files(cfg: Config, run_uri: str, extra: dict) -> None:
+    """The resolved config and the LR arithmetic; an existing, different config is kept, not overwritten."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    target = storage.join(run_uri, "config.yaml")
+    if storage.exists(target) and storage.read_bytes(target).decode() != text:
+        n = 1
+        while storage.exists(storage.join(run_uri, f"config.resume-{n}.yaml")):
+            n += 1
+        target = storage.join(run_uri, f"config.resume-{n}.yaml")
+        log.warning("run %s already has a different config.yaml; this run's config is in %s", cfg.run_name, target)
+    storage.write_bytes(target, text.encode())
+    storage.write_bytes(storage.join(run_uri, "lr_plan.yaml"), yaml.safe_dump(extra, sort_keys=False).encode())
+
+
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vistralv_ray.data.pipeline import build_datasets
+    from vistralv_ray.training.loop import train_loop_per_worker
+
+    ensure_ray(cfg)
+    use_gpu = resolve_use_gpu(cfg)
+    datasets, counts = build_datasets(cfg)
+    per_epoch, total = planned_steps(cfg, counts["train"])
+    lr = lr_plan(cfg)
+    log.info("learning rate: %s", lr.arithmetic())
+    log.info("data: %s records; %d steps per epoch, %d steps planned", counts, per_epoch, total)
+    storage_path, storage_fs, local_run_dir = storage_location(cfg)
+    run_uri = storage.join(cfg.run.storage if storage.is_s3(cfg.run.storage) else storage_path, cfg.run_name)
+    write_run_files(
+        cfg,
+        run_uri,
+        {**lr.to_dict(), "records": counts, "steps_per_epoch": per_epoch, "total_steps": total, "use_gpu": use_gpu},
+    )
+    wandb_dir = local_run_dir or Path("~/.cache/vistralv-ray").expanduser() / cfg.run_name
+    plan = {
+        "use_gpu": use_gpu,
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "effective_lr": lr.effective_lr,
+        "projector_lr": lr.projector_lr,
+        "lr_plan": lr.to_dict(),
+        "datasets": sorted(datasets),
+        "run_name": cfg.run_name,
+        "run_dir_local": str(local_run_dir) if local_run_dir else None,
+        "wandb_dir": str(wandb_dir),
+        "wandb_id": hashlib.sha1(f"{cfg.run.storage}/{cfg.run_name}".encode()).hexdigest()[:12],
+    }
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dataclasses.asdict(cfg), "plan": plan},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    return trainer, plan
+
+
+def train(cfg: Config, callbacks: list | None = None):
+    """Run training to the end (or resume it); returns the Ray Train Result."""
+    trainer, plan = build_trainer(cfg, callbacks)
+    result = trainer.fit()
+    return result

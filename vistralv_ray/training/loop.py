@@ -1,0 +1,407 @@
+"""The Ray Train worker: build, freeze and wrap the model in DeepSpeed, then train, evaluate, checkpoint.
+
+Ray hands the config over as a dict; the first thing the worker does is rebuild the typed tree.
+Every rank runs the same number of steps, reports and collective calls: the end of the data is
+agreed on with an all-reduce, and a rank without a batch still runs the same modules.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vistralv_ray.config.loader import config_from_dict
+from vistralv_ray.config.schema import Config
+from vistralv_ray.data.packing import TrainBatch
+from vistralv_ray.errors import REJECT_REASONS
+from vistralv_ray.logging import get_logger
+from vistralv_ray.training.checkpointing import DEEPSPEED_DIR, TrainerState
+
+log = get_logger(__name__)
+
+FAULT_ENV = "VISTRALV_INJECT_FAULT_AT_STEP"  # tests: kill rank 1 once, right after this step's checkpoint
+
+
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    cfg = config_from_dict(loop_config["config"])
+    plan = loop_config["plan"]
+    on_gpu = bool(plan["use_gpu"]) and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return Worker(cfg, plan, on_gpu).run()
+
+
+class Worker:
+    def __init__(self, cfg: Config, plan: dict, on_gpu: bool):
+        import ray.train
+
+        from vistralv_ray.training.strategy import resolve_precision, torch_dtype
+
+        self.cfg, self.plan, self.on_gpu = cfg, plan, on_gpu
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        self.dtype = torch_dtype(resolve_precision(cfg.train.precision, on_gpu))
+        self.rejected = dict.fromkeys(REJECT_REASONS, 0)
+        self.history: list[dict] = []
+
+    # ---- setup -------------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+
+        from vistralv_ray.model.assembly import apply_stage, build_model, llava_of, resolve_attn_implementation
+        from vistralv_ray.training.metrics import FlopModel
+        from vistralv_ray.training.optim import build_param_groups, lr_lambda, warmup_steps_for
+        from vistralv_ray.training.strategy import build_deepspeed_config, build_optimizer
+
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(t.seed)
+        attn = resolve_attn_implementation(cfg.model.attn_implementation, self.on_gpu)
+        assembled = build_model(cfg.model, dtype=self.dtype, attn_implementation=attn)
+        self.tokenizer = assembled.tokenizer
+        model = apply_stage(assembled.model, t.stage, cfg.model.lora)
+        if t.gradient_checkpointing:
+            llava_of(model).model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.to(self.device)
+        self.flops = FlopModel.of(model)
+        groups = build_param_groups(model, self.plan["effective_lr"], self.plan["projector_lr"], t.weight_decay)
+        for g in groups:
+            g.pop("param_names")
+        optimizer = build_optimizer(groups, cfg, self.on_gpu)
+        total = self.plan["total_steps"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total, warmup_steps_for(total, t.warmup_ratio), t.schedule)
+        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=build_deepspeed_config(cfg, self.world, self.on_gpu),
+            dist_init_required=False,
+        )
+
+    def restore(self) -> TrainerState:
+        import ray.train
+
+        from vistralv_ray.training.strategy import load_engine
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return TrainerState(total_steps=self.plan["total_steps"])
+        with checkpoint.as_directory() as d:
+            state = TrainerState.load(Path(d))
+            load_engine(self.engine, Path(d) / DEEPSPEED_DIR, state.tag)
+        log.info(
+            "resumed from step %d (epoch %d, %d records already seen)", state.step, state.epoch, len(state.seen_keys)
+        )
+        return state
+
+    # ---- data --------------------------------------------------------------------------------
+    def batches(self, name: str, epoch: int, skip_keys: set[int]):
+        import ray.train
+
+        from vistralv_ray.data.preprocess import PackingCollate
+
+        d = self.cfg.data
+        pack_length = d.pack_length  # None: one packed row per micro-batch
+        collate = PackingCollate(self.tokenizer.pad_token_id, d.batching, pack_length, skip_keys)
+        shuffle = d.shuffle and name == "train"
+        return ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=d.per_device_batch,
+            collate_fn=collate,
+            prefetch_batches=d.prefetch_batches,
+            local_shuffle_buffer_size=4 * d.per_device_batch if shuffle else None,
+            local_shuffle_seed=self.cfg.train.seed + epoch if shuffle else None,
+        )
+
+    def next_batch(self, iterator, timer) -> TrainBatch | None:
+        """The next batch with at least one usable sample; counts rejected records on the way."""
+        while True:
+            started = time.perf_counter()
+            batch = next(iterator, None)
+            timer.waited(time.perf_counter() - started)
+            if batch is None:
+                return None
+            for rid, reason, detail in batch.rejected:
+                self.rejected[reason] += 1
+                log.warning("record %r rejected in preprocessing: %s: %s", rid, reason, detail)
+            if batch.num_samples:
+                return batch
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # ---- training ----------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        from vistralv_ray.training.metrics import DashboardMetrics, StepTimer
+
+        self.build()
+        state = self.restore()
+        total, accum = self.plan["total_steps"], self.cfg.train.grad_accum
+        self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
+        self.wandb = self.start_wandb() if self.rank == 0 else None
+        bar = self.progress_bar(total, state.step)
+        timer = StepTimer()
+        window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
+        self.engine.train()
+        while state.step < total:
+            skip = state.seen_keys
+            iterator = iter(self.batches("train", state.epoch, skip))
+            while state.step < total:
+                micro = []
+                while len(micro) < accum:
+                    batch = self.next_batch(iterator, timer)
+                    if batch is None:
+                        break
+                    micro.append(batch)
+                have = 1.0 if len(micro) == accum else 0.0
+                targets = float(sum(b.num_target_tokens for b in micro))
+                agreed_have, global_targets = self.all_sum([have, targets])
+                if agreed_have < self.world:
+                    break  # some rank ran out of data: the epoch ends for everyone
+                loss = self.optimizer_step(micro, global_targets)
+                state.step += 1
+                for b in micro:
+                    state.seen_keys.update(_keys(b.sample_ids))
+                samples = sum(b.num_samples for b in micro)
+                tokens = sum(b.num_tokens for b in micro)
+                window["samples"] += samples
+                window["tokens"] += tokens
+                window["flops"] += sum(
+                    self.flops.step_flops(b.num_tokens, b.sum_sq_lengths, b.pixel_values.shape[0]) for b in micro
+                )
+                window["steps"] += 1
+                window["loss"] += loss
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if not torch.isfinite(torch.tensor(loss)):
+                    log.error("loss is %s at step %d: stopping (diverged)", loss, state.step)
+                    metrics = self.report(state, window, timer, diverged=True)
+                    return self.finish(state, metrics, bar)
+                last = state.step == total
+                if (
+                    state.step % self.cfg.train.log_every == 0
+                    or last
+                    or state.step % self.cfg.train.checkpoint_every == 0
+                ):
+                    self.report(state, window, timer, eval_now=self.eval_due(state.step, last))
+                    window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
+            else:
+                break  # the planned steps are done (the inner loop ended without running out of data)
+            state.epoch += 1
+            state.seen_keys = set()
+        metrics = self.history[-1] if self.history else {}
+        return self.finish(state, metrics, bar)
+
+    def optimizer_step(self, micro: list[TrainBatch], global_targets: float) -> float:
+        from vistralv_ray.training.step import summed_token_loss
+
+        accum = len(micro)
+        scale = self.world * accum / max(global_targets, 1.0)
+        total = 0.0
+        for batch in micro:
+            loss_sum = summed_token_loss(self.engine, batch.to(self.device), self.dtype)
+            # DeepSpeed divides by grad_accum and averages over ranks: undo both so the gradient is
+            # the mean over every target token of the step, however they are spread.
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            total += float(loss_sum.detach())
+        (step_loss_sum,) = self.all_sum([total])
+        return step_loss_sum / max(global_targets, 1.0)
+
+    def eval_due(self, step: int, last: bool) -> bool:
+        if "eval" not in self.plan["datasets"]:
+            return False
+        every = self.cfg.train.eval_every
+        return last or (every is not None and step % every == 0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from vistralv_ray.training.metrics import StepTimer
+        from vistralv_ray.training.step import summed_token_loss
+
+        self.engine.eval()
+        iterator = iter(self.batches("eval", 0, set()))
+        loss_sum, targets = 0.0, 0.0
+        timer = StepTimer()
+        while True:
+            batch = self.next_batch(iterator, timer)
+            (any_left,) = self.all_sum([0.0 if batch is None else 1.0])
+            if any_left == 0:
+                break
+            # A rank without a batch runs a dummy one: ZeRO-3 needs every rank in every forward.
+            run = batch if batch is not None else _dummy_batch(self.tokenizer.pad_token_id)
+            value = summed_token_loss(self.engine, run.to(self.device), self.dtype)
+            if batch is not None:
+                loss_sum += float(value)
+                targets += batch.num_target_tokens
+        loss_sum, targets = self.all_sum([loss_sum, targets])
+        self.engine.train()
+        eval_loss = loss_sum / max(targets, 1.0)
+        return {"eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(min(eval_loss, 50.0))))}
+
+    # ---- reporting and checkpoints -----------------------------------------------------------
+    def report(self, state: TrainerState, window: dict, timer, eval_now: bool = False, diverged: bool = False):
+        import ray.train
+
+        from vistralv_ray.training.metrics import memory_mb, peak_flops_per_device
+
+        elapsed, wait = timer.reset()
+        samples, tokens, flops, steps, loss_total = self.all_sum(
+            [
+                window["samples"],
+                window["tokens"],
+                window["flops"],
+                window["steps"] / self.world,
+                window["loss"] / self.world,
+            ]
+        )
+        rejected = dict(
+            zip(REJECT_REASONS, self.all_sum([float(self.rejected[r]) for r in REJECT_REASONS]), strict=True)
+        )
+        lrs = self.scheduler.get_last_lr()
+        peak = peak_flops_per_device(self.on_gpu)
+        metrics = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": loss_total / max(steps, 1),
+            "lr": lrs[-1] if len(lrs) else None,
+            "projector_lr": lrs[0] if len(lrs) else None,
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "tflops_per_device": flops / elapsed / self.world / 1e12,
+            "mfu": flops / elapsed / self.world / peak if peak else None,
+            "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
+            "memory_mb": memory_mb(self.device),
+            "rejected_records": int(sum(rejected.values())),
+            "diverged": diverged,
+        }
+        metrics.update({f"rejected_{k}": int(v) for k, v in rejected.items() if v})
+        if eval_now and not diverged:
+            metrics.update(self.evaluate())
+        checkpoint_now = diverged is False and (
+            state.step % self.cfg.train.checkpoint_every == 0 or state.step == self.plan["total_steps"]
+        )
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        self.history.append(metrics)
+        if self.rank == 0:
+            self.dashboard.record(metrics, int(window["steps"]), int(tokens))
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
+        if checkpoint_now:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save_checkpoint(Path(tmp), state)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint-{state.step:06d}",
+                )
+            self.maybe_inject_fault(state.step)
+        else:
+            ray.train.report(metrics)
+        return metrics
+
+    def save_checkpoint(self, directory: Path, state: TrainerState) -> None:
+        from vistralv_ray.model.assembly import PROJECTOR_FILE, save_projector
+        from vistralv_ray.training.strategy import save_engine
+
+        state.tag = f"step-{state.step}"
+        save_engine(self.engine, directory / DEEPSPEED_DIR, state.tag)
+        state.save(directory, self.rank)
+        if self.rank == 0:
+            save_projector(self.engine.module, directory / PROJECTOR_FILE)
+            self.tokenizer.save_pretrained(directory / "tokenizer")
+
+    def maybe_inject_fault(self, step: int) -> None:
+        target = os.environ.get(FAULT_ENV)
+        marker = Path(self.plan["run_dir_local"] or tempfile.gettempdir()) / f".fault-injected-{self.plan['run_name']}"
+        if target and int(target) == step and self.rank == min(1, self.world - 1) and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(step))
+            log.warning("injecting a worker failure after step %d (%s)", step, FAULT_ENV)
+            os._exit(1)
+
+    def progress_bar(self, total: int, initial: int):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=f"{self.cfg.train.stage} steps",
+            unit="step",
+            mininterval=2.0,
+            dynamic_ncols=True,
+        )
+
+    def start_wandb(self):
+        mode = self.cfg.run.wandb
+        if mode == "off":
+            return None
+        import dataclasses
+
+        import wandb
+
+        wandb_dir = Path(self.plan["wandb_dir"])
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        return wandb.init(
+            mode=mode,
+            project=self.cfg.run.wandb_project,
+            group=self.cfg.run.wandb_group,
+            name=self.plan["run_name"],
+            id=self.plan["wandb_id"],
+            resume="allow",
+            dir=str(wandb_dir),
+            config={**dataclasses.asdict(self.cfg), "lr_plan": self.plan["lr_plan"]},
+        )
+
+    def finish(self, state: TrainerState, metrics: dict, bar) -> dict | None:
+        if bar is not None:
+            bar.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.wandb.finish()
+        if self.rank != 0:
+            return None
+        return {"final": metrics, "history": self.history, "steps": state.step}
+
+
+def _keys(sample_ids: list[str]) -> list[int]:
+    from vistralv_ray.data.preprocess import record_key
+
+    return [record_key(i) for i in sample_ids]
+
+
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def _dummy_batch(pad_id: int) -> TrainBatch:
+    ids = torch.full((1, 8), pad_id, dtype=torch.long)
+    return TrainBatch(
+        input_ids=ids,
+        targets=torch.full_like(ids, -100),
+        position_ids=torch.arange(8).unsqueeze(0),
+        attention_mask=None,
+        pixel_values=torch.zeros((0, 1, 1, 3), dtype=torch.uint8),
+        num_samples=0,
+        num_tokens=0,
+        num_target_tokens=0,
+    )
