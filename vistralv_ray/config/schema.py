@@ -93,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
     zero_stage: Literal[2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False

@@ -26,6 +26,7 @@ class TrainerState:
     epoch: int = 0
     total_steps: int = 0
     tag: str | None = None
+    epoch_samples: int = 0  # samples trained in the current epoch, over all ranks
     seen_keys: set[int] = field(default_factory=set)  # this rank's records of the current epoch
 
     def save(self, directory: Path, rank: int) -> None:

@@ -157,7 +157,7 @@ class Worker:
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
         self.engine.train()
         while state.step < total:
-            skip = state.seen_keys
+            skip = frozenset(state.seen_keys)  # records trained on before a resume, in this epoch
             iterator = iter(self.batches("train", state.epoch, skip))
             while state.step < total:
                 micro = []
@@ -168,15 +168,16 @@ class Worker:
                     micro.append(batch)
                 have = 1.0 if len(micro) == accum else 0.0
                 targets = float(sum(b.num_target_tokens for b in micro))
-                agreed_have, global_targets = self.all_sum([have, targets])
+                samples = sum(b.num_samples for b in micro)
+                agreed_have, global_targets, global_samples = self.all_sum([have, targets, float(samples)])
                 if agreed_have < self.world:
                     break  # some rank ran out of data: the epoch ends for everyone
                 loss = self.optimizer_step(micro, global_targets)
                 state.step += 1
                 for b in micro:
                     state.seen_keys.update(_keys(b.sample_ids))
-                samples = sum(b.num_samples for b in micro)
                 tokens = sum(b.num_tokens for b in micro)
+                state.epoch_samples += int(global_samples)
                 window["samples"] += samples
                 window["tokens"] += tokens
                 window["flops"] += sum(
@@ -203,6 +204,7 @@ class Worker:
                 break  # the planned steps are done (the inner loop ended without running out of data)
             state.epoch += 1
             state.seen_keys = set()
+            state.epoch_samples = 0
         metrics = self.history[-1] if self.history else {}
         return self.finish(state, metrics, bar)
 
@@ -378,7 +380,8 @@ class Worker:
             self.wandb.finish()
         if self.rank != 0:
             return None
-        return {"final": metrics, "history": self.history, "steps": state.step}
+        return {"final": metrics, "history": self.history, "steps": state.step, "epoch": state.epoch,
+                "epoch_samples": state.epoch_samples}
 
 
 def _keys(sample_ids: list[str]) -> list[int]:

@@ -14,6 +14,7 @@ The model of memory, per GPU, in bytes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,13 +53,10 @@ def meta_model_for(cfg: Config):
     from vistralv_ray.model.assembly import build_llava_config, load_vision_config
     from vistralv_ray.model.presets import build_meta_model
 
-    try:
-        text_config = AutoConfig.from_pretrained(cfg.model.language_model)
-        vision_config = load_vision_config(cfg.model.vision_tower)
-    except OSError:
-        if cfg.model.language_model == VISTRAL_LM:
-            return build_meta_model("vistral-7b-siglip-256")
-        raise
+    if cfg.model.language_model == VISTRAL_LM and not Path(VISTRAL_LM).is_dir():
+        return build_meta_model("vistral-7b-siglip-256")  # the real sizes, without asking the hub
+    text_config = AutoConfig.from_pretrained(cfg.model.language_model)
+    vision_config = load_vision_config(cfg.model.vision_tower)
     text_config.vocab_size += 1  # the <image> token
     config = build_llava_config(cfg.model, vision_config, text_config, text_config.vocab_size - 1)
     with torch.device("meta"):

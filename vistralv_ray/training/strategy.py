@@ -72,8 +72,8 @@ def build_optimizer(groups: list[dict], cfg: Config, on_gpu: bool) -> torch.opti
     if cfg.train.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, betas=betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, betas=betas, fused=on_gpu)
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=cfg.train.adam_eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=betas, eps=cfg.train.adam_eps, fused=on_gpu)
 
 
 def save_engine(engine, directory: str | Path, tag: str) -> None:

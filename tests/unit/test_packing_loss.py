@@ -1,0 +1,77 @@
+"""Packing changes the layout, not the loss: packed == unpacked, and per-sample attention holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vistralv_ray.config.schema import LoraSettings
+from vistralv_ray.data.packing import layout_batch
+from vistralv_ray.model.assembly import apply_stage, build_model
+from vistralv_ray.text.conversation import normalize_messages
+from vistralv_ray.text.templates import get_chat_template
+from vistralv_ray.training.step import summed_token_loss
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_assets):
+    from vistralv_ray.config.schema import ModelConfig
+    from vistralv_ray.model.assembly import build_encoder
+
+    cfg = ModelConfig(language_model=str(tiny_assets["llm"]), vision_tower=str(tiny_assets["vision"]), max_length=256)
+    encoder = build_encoder(cfg)
+    assert encoder.chat_template == get_chat_template("vistral")
+    rng = np.random.default_rng(0)
+    convs = [
+        ([{"from": "human", "value": "<image>\nHình có màu gì?"}, {"from": "gpt", "value": "Màu đỏ."}], True),
+        ([{"from": "human", "value": "Xin chào"}, {"from": "gpt", "value": "Chào bạn, tôi có thể giúp gì?"}], False),
+        ([{"from": "human", "value": "Có mấy hình?\n<image>"}, {"from": "gpt", "value": "Ba."},
+          {"from": "human", "value": "Màu gì?"}, {"from": "gpt", "value": "Màu xanh dương."}], True),
+    ]
+    out = []
+    for turns, has_image in convs:
+        enc = encoder.encode(normalize_messages(turns, has_image))
+        image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) if has_image else None
+        out.append((enc.input_ids, enc.labels, image))
+    return cfg, out
+
+
+def test_packed_loss_equals_unpacked(samples):
+    cfg, data = samples
+    torch.manual_seed(0)
+    assembled = build_model(cfg)
+    model = apply_stage(assembled.model, "align", LoraSettings()).eval()
+    pad = assembled.tokenizer.pad_token_id
+    ids, labels, images = zip(*data, strict=True)
+    packed = layout_batch(list(ids), list(labels), list(images), pad, "pack", None, (32, 32, 3))
+    padded = layout_batch(list(ids), list(labels), list(images), pad, "pad", None, (32, 32, 3))
+    assert packed.input_ids.shape[0] == 1 and padded.input_ids.shape[0] == 3
+    assert packed.nonpad_fraction > padded.nonpad_fraction
+    assert packed.num_target_tokens == padded.num_target_tokens
+    with torch.no_grad():
+        loss_packed = summed_token_loss(model, packed, torch.float32) / packed.num_target_tokens
+        loss_padded = summed_token_loss(model, padded, torch.float32) / padded.num_target_tokens
+        separate = sum(
+            summed_token_loss(model, layout_batch([i], [l], [im], pad, "pad", None, (32, 32, 3)), torch.float32)
+            for i, l, im in data
+        ) / packed.num_target_tokens
+    assert abs(loss_packed.item() - loss_padded.item()) < 1e-5
+    assert abs(loss_packed.item() - separate.item()) < 1e-5
+
+
+def test_packing_without_position_reset_would_differ(samples):
+    """The equivalence above is not vacuous: attending across samples changes the loss."""
+    cfg, data = samples
+    torch.manual_seed(0)
+    assembled = build_model(cfg)
+    model = apply_stage(assembled.model, "align", LoraSettings()).eval()
+    pad = assembled.tokenizer.pad_token_id
+    ids, labels, images = zip(*data, strict=True)
+    packed = layout_batch(list(ids), list(labels), list(images), pad, "pack", None, (32, 32, 3))
+    leaky = layout_batch(list(ids), list(labels), list(images), pad, "pack", None, (32, 32, 3))
+    leaky.position_ids = torch.arange(leaky.input_ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        a = summed_token_loss(model, packed, torch.float32)
+        b = summed_token_loss(model, leaky, torch.float32)
+    assert abs(a.item() - b.item()) > 1e-3
