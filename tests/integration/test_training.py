@@ -136,5 +136,8 @@ def test_wandb_offline_leaves_metrics_on_disk(ray_local, run_config):
     assert result.error is None
     runs = list((Path(result.path) / "wandb").glob("offline-run-*"))
     assert runs, "no offline wandb run directory"
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert summary["step"] == 2 and "loss" in summary and "tokens_per_s" in summary
+    # The offline run file holds the logged history records (protobuf): our metric keys are in it.
+    (log_file,) = runs[0].glob("run-*.wandb")
+    data = log_file.read_bytes()
+    for key in (b"loss", b"tokens_per_s", b"grad_norm", b"data_wait_fraction"):
+        assert key in data, key

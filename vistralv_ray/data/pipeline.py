@@ -45,7 +45,7 @@ def read_shards(files: list[str], cfg: Config, shuffle: bool):
         paths,
         filesystem=fs,
         columns=SHARD_COLUMNS,
-        ray_remote_args={"num_cpus": cfg.data.read_cpus},
+        num_cpus=cfg.data.read_cpus,
         **kwargs,
     )
 

@@ -97,8 +97,14 @@ def build_model(
     lm = AutoModelForCausalLM.from_pretrained(
         model_cfg.language_model, dtype=dtype, attn_implementation=attn_implementation
     )
-    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+    old_vocab = lm.get_input_embeddings().num_embeddings
+    if old_vocab < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # New rows (<image>) start at the mean of the old ones, as LLaVA does: deterministic, so
+        # every rank and every rebuild of the model (export, eval, parity checks) agrees.
+        with torch.no_grad():
+            for matrix in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+                matrix[old_vocab:] = matrix[:old_vocab].mean(dim=0, keepdim=True)
     vision = SiglipVisionModel.from_pretrained(
         model_cfg.vision_tower, dtype=dtype, attn_implementation=attn_implementation
     )

@@ -24,7 +24,9 @@ from vistralv_ray.training.checkpointing import DEEPSPEED_DIR, TrainerState
 
 log = get_logger(__name__)
 
-FAULT_ENV = "VISTRALV_INJECT_FAULT_AT_STEP"  # tests: kill rank 1 once, right after this step's checkpoint
+# Tests: kill rank 1 once, in the step after the checkpoint of this step (by then Ray has
+# registered that checkpoint, so the restart must resume from it).
+FAULT_ENV = "VISTRALV_INJECT_FAULT_AFTER_CHECKPOINT"
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -174,6 +176,7 @@ class Worker:
                     break  # some rank ran out of data: the epoch ends for everyone
                 loss = self.optimizer_step(micro, global_targets)
                 state.step += 1
+                self.maybe_inject_fault(state.step)
                 for b in micro:
                     state.seen_keys.update(_keys(b.sample_ids))
                 tokens = sum(b.num_tokens for b in micro)
@@ -312,7 +315,6 @@ class Worker:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=f"checkpoint-{state.step:06d}",
                 )
-            self.maybe_inject_fault(state.step)
         else:
             ray.train.report(metrics)
         return metrics
@@ -331,10 +333,14 @@ class Worker:
     def maybe_inject_fault(self, step: int) -> None:
         target = os.environ.get(FAULT_ENV)
         marker = Path(self.plan["run_dir_local"] or tempfile.gettempdir()) / f".fault-injected-{self.plan['run_name']}"
-        if target and int(target) == step and self.rank == min(1, self.world - 1) and not marker.exists():
+        if target and int(target) + 1 == step and self.rank == min(1, self.world - 1) and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(step))
-            log.warning("injecting a worker failure after step %d (%s)", step, FAULT_ENV)
+            log.warning("injecting a worker failure in step %d (%s)", step, FAULT_ENV)
+            # Ray's controller registers a reported checkpoint when it next polls the workers; a
+            # worker that dies within milliseconds of its report can lose it. Real faults are not
+            # that punctual: wait as long as a few polls take.
+            time.sleep(5)
             os._exit(1)
 
     def progress_bar(self, total: int, initial: int):
