@@ -20,8 +20,9 @@ def losses(result) -> list[float]:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_worker_run_completes_and_lowers_the_loss(ray_local, run_config, zero_stage):
-    cfg = run_config(f"train.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3",
-                     f"run.name=zero{zero_stage}")
+    cfg = run_config(
+        f"train.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3", f"run.name=zero{zero_stage}"
+    )
     result = train(cfg)
     assert result.error is None
     history = losses(result)
@@ -36,6 +37,8 @@ def test_two_worker_run_completes_and_lowers_the_loss(ray_local, run_config, zer
 
 def plain_pytorch_step(cfg, shard_dir: str):
     """One AdamW step of the same model on every record of the shards, in one process, no Ray."""
+    import dataclasses
+
     import pyarrow.parquet as pq
 
     from vistralv_ray.data.pipeline import shard_files
@@ -44,12 +47,11 @@ def plain_pytorch_step(cfg, shard_dir: str):
     from vistralv_ray.training.optim import build_param_groups
     from vistralv_ray.training.step import summed_token_loss
 
-    import dataclasses
-
     rows = pq.read_table(shard_files([shard_dir])).to_pydict()
     batch = {k: rows[k] for k in ("id", "image", "messages")}
     pre = Preprocessor(dataclasses.asdict(cfg.model), cfg.data.max_image_pixels)(
-        {"id": batch["id"], "image": batch["image"], "messages": batch["messages"]})
+        {"id": batch["id"], "image": batch["image"], "messages": batch["messages"]}
+    )
     assembled = build_model(cfg.model)
     model = apply_stage(assembled.model, "align", cfg.model.lora)
     collated = PackingCollate(assembled.tokenizer.pad_token_id, "pack", None)(pre)
@@ -80,8 +82,13 @@ def parity_shards(demo_corpus, tmp_path_factory):
 def test_deepspeed_step_matches_plain_pytorch_and_data_parallel_split(ray_local, run_config, parity_shards):
     # eps = 1 makes Adam's first update proportional to the gradient (not just its sign), so a
     # wrongly scaled gradient would show.
-    common = ["train.max_steps=1", "train.checkpoint_every=1", "train.adam_eps=1.0", "train.grad_clip=0.0",
-              f"data.train=[{parity_shards}]"]
+    common = [
+        "train.max_steps=1",
+        "train.checkpoint_every=1",
+        "train.adam_eps=1.0",
+        "train.grad_clip=0.0",
+        f"data.train=[{parity_shards}]",
+    ]
     one = train(run_config(*common, "scaling.workers=1", "data.per_device_batch=8", "run.name=parity-1x8"))
     two = train(run_config(*common, "scaling.workers=2", "data.per_device_batch=4", "run.name=parity-2x4"))
     plain_loss, plain_state = plain_pytorch_step(run_config(*common), parity_shards)
@@ -110,8 +117,7 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         # 48 align records / (2 workers x 4) = 6 steps: one full epoch, so every record exactly once.
-        cfg = run_config("train.max_steps=6", "train.checkpoint_every=2", "scaling.max_failures=1",
-                         "run.name=faulty")
+        cfg = run_config("train.max_steps=6", "train.checkpoint_every=2", "scaling.max_failures=1", "run.name=faulty")
         result = train(cfg)
     finally:
         ray.shutdown()

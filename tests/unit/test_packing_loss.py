@@ -26,8 +26,15 @@ def samples(tiny_assets):
     convs = [
         ([{"from": "human", "value": "<image>\nHình có màu gì?"}, {"from": "gpt", "value": "Màu đỏ."}], True),
         ([{"from": "human", "value": "Xin chào"}, {"from": "gpt", "value": "Chào bạn, tôi có thể giúp gì?"}], False),
-        ([{"from": "human", "value": "Có mấy hình?\n<image>"}, {"from": "gpt", "value": "Ba."},
-          {"from": "human", "value": "Màu gì?"}, {"from": "gpt", "value": "Màu xanh dương."}], True),
+        (
+            [
+                {"from": "human", "value": "Có mấy hình?\n<image>"},
+                {"from": "gpt", "value": "Ba."},
+                {"from": "human", "value": "Màu gì?"},
+                {"from": "gpt", "value": "Màu xanh dương."},
+            ],
+            True,
+        ),
     ]
     out = []
     for turns, has_image in convs:
@@ -52,10 +59,13 @@ def test_packed_loss_equals_unpacked(samples):
     with torch.no_grad():
         loss_packed = summed_token_loss(model, packed, torch.float32) / packed.num_target_tokens
         loss_padded = summed_token_loss(model, padded, torch.float32) / padded.num_target_tokens
-        separate = sum(
-            summed_token_loss(model, layout_batch([i], [l], [im], pad, "pad", None, (32, 32, 3)), torch.float32)
-            for i, l, im in data
-        ) / packed.num_target_tokens
+        separate = (
+            sum(
+                summed_token_loss(model, layout_batch([i], [lab], [im], pad, "pad", None, (32, 32, 3)), torch.float32)
+                for i, lab, im in data
+            )
+            / packed.num_target_tokens
+        )
     assert abs(loss_packed.item() - loss_padded.item()) < 1e-5
     assert abs(loss_packed.item() - separate.item()) < 1e-5
 

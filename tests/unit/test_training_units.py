@@ -30,8 +30,16 @@ def test_lr_rule_table(base, global_batch, reference, rule, expected):
 
 
 def test_lr_plan_arithmetic_and_projector_lr():
-    cfg = config_from_dict({}, ["train.stage=finetune", "train.base_lr=2e-4", "train.projector_lr_scale=0.1",
-                                "scaling.workers=1", "data.per_device_batch=8"])
+    cfg = config_from_dict(
+        {},
+        [
+            "train.stage=finetune",
+            "train.base_lr=2e-4",
+            "train.projector_lr_scale=0.1",
+            "scaling.workers=1",
+            "data.per_device_batch=8",
+        ],
+    )
     plan = lr_plan(cfg)
     assert plan.global_batch == 8 and plan.reference_batch == 128
     assert plan.effective_lr == pytest.approx(1.25e-5)
@@ -76,8 +84,17 @@ def test_param_group_pattern_that_matches_nothing_is_an_error(tiny_model_config)
 
 
 def test_deepspeed_config_generated_from_ours():
-    cfg = config_from_dict({}, ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
-                                "train.grad_accum=4", "data.per_device_batch=2", "train.grad_clip=0.5"])
+    cfg = config_from_dict(
+        {},
+        [
+            "train.zero_stage=3",
+            "train.offload_optimizer=true",
+            "train.offload_params=true",
+            "train.grad_accum=4",
+            "data.per_device_batch=2",
+            "train.grad_clip=0.5",
+        ],
+    )
     ds = build_deepspeed_config(cfg, world_size=8, on_gpu=True)
     assert ds["train_batch_size"] == 2 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5
@@ -93,8 +110,24 @@ def test_deepspeed_config_generated_from_ours():
 
 
 def test_plan_prints_vistral_v_effective_lr(capsys):
-    code = main(["plan", "jobs/finetune.yaml", "--workers", "1", "--per-device-batch", "8", "--base-lr", "2e-4",
-                 "--reference-batch", "128", "--lr-rule", "linear", "--gpu-memory-gb", "80"])
+    code = main(
+        [
+            "plan",
+            "jobs/finetune.yaml",
+            "--workers",
+            "1",
+            "--per-device-batch",
+            "8",
+            "--base-lr",
+            "2e-4",
+            "--reference-batch",
+            "128",
+            "--lr-rule",
+            "linear",
+            "--gpu-memory-gb",
+            "80",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "effective_lr=1.25e-05" in out.splitlines()

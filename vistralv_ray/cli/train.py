@@ -67,18 +67,25 @@ def plan(args: argparse.Namespace) -> int:
     overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, overrides)
     lr = lr_plan(cfg)
-    print(f"global_batch={lr.global_batch} ({lr.workers} workers x {lr.per_device_batch} per device x "
-          f"{lr.grad_accum} accumulation)")
+    print(
+        f"global_batch={lr.global_batch} ({lr.workers} workers x {lr.per_device_batch} per device x "
+        f"{lr.grad_accum} accumulation)"
+    )
     print(f"reference_batch={lr.reference_batch} lr_rule={lr.rule} multiplier={lr.multiplier:.6g}")
     print(f"effective_lr={lr.effective_lr:.6g}")
     print(f"projector_lr={lr.projector_lr:.6g}")
     sizes = model_sizes(cfg)
-    what = "LoRA adapters + projector" if sizes.lora else ("projector" if cfg.train.stage == "align" else "projector + LM")
+    if sizes.lora:
+        what = "LoRA adapters + projector"
+    else:
+        what = "projector" if cfg.train.stage == "align" else "projector + LM"
     print(f"parameters: {sizes.total / 1e9:.3f}B total, {sizes.trainable / 1e6:.1f}M trainable ({what})")
     est = estimate(cfg, sizes, cfg.scaling.workers)
     tokens = cfg.data.per_device_batch * cfg.model.max_length
-    print(f"memory per GPU (estimate; {tokens} tokens per micro-batch, gradient checkpointing "
-          f"{'on' if cfg.train.gradient_checkpointing else 'off'}):")
+    print(
+        f"memory per GPU (estimate; {tokens} tokens per micro-batch, gradient checkpointing "
+        f"{'on' if cfg.train.gradient_checkpointing else 'off'}):"
+    )
     print(f"  zero2          {est['zero2']:7.1f} GB")
     print(f"  zero3          {est['zero3']:7.1f} GB")
     print(f"  zero3_offload  {est['zero3_offload']:7.1f} GB")

@@ -386,8 +386,13 @@ class Worker:
             self.wandb.finish()
         if self.rank != 0:
             return None
-        return {"final": metrics, "history": self.history, "steps": state.step, "epoch": state.epoch,
-                "epoch_samples": state.epoch_samples}
+        return {
+            "final": metrics,
+            "history": self.history,
+            "steps": state.step,
+            "epoch": state.epoch,
+            "epoch_samples": state.epoch_samples,
+        }
 
 
 def _keys(sample_ids: list[str]) -> list[int]:
