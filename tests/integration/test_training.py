@@ -18,10 +18,19 @@ def losses(result) -> list[float]:
     return [m["loss"] for m in result.return_value["history"]]
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_worker_run_completes_and_lowers_the_loss(ray_local, run_config, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "stage"), [(2, "align"), (3, "finetune")])
+def test_two_worker_run_completes_lowers_the_loss_and_exports(
+    ray_local, run_config, zero_stage, stage, tmp_path, monkeypatch
+):
+    from vistralv_ray.training.loop import PROBE_ENV
+
+    monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe.pt"))
     cfg = run_config(
-        f"train.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3", f"run.name=zero{zero_stage}"
+        f"train.zero_stage={zero_stage}",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        f"run.name=zero{zero_stage}-{stage}",
+        stage=stage,
     )
     result = train(cfg)
     assert result.error is None
@@ -33,6 +42,22 @@ def test_two_worker_run_completes_and_lowers_the_loss(ray_local, run_config, zer
     ckpt = Path(result.checkpoint.path)
     assert (ckpt / "projector.safetensors").is_file() and (ckpt / "tokenizer" / "tokenizer_config.json").is_file()
     assert sorted((ckpt / "seen").glob("rank-*.npy")) and len(list((ckpt / "seen").glob("*.npy"))) == 2
+    # The exported model, loaded by plain transformers, computes what the trained engine computed.
+    assert_export_matches_trainer(run_dir, tmp_path / "probe.pt", tmp_path / "export")
+
+
+def assert_export_matches_trainer(run_dir: Path, probe_path: Path, out: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    from vistralv_ray.inference.export import export
+    from vistralv_ray.training.step import model_kwargs
+
+    export(str(run_dir), out)
+    model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    probe = torch.load(probe_path, weights_only=False)
+    with torch.no_grad():
+        logits = model(**model_kwargs(probe["batch"], torch.float32)).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
 
 
 def plain_pytorch_step(cfg, shard_dir: str):

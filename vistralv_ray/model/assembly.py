@@ -157,31 +157,49 @@ def save_projector(model: torch.nn.Module, path: str | Path) -> None:
     save_file(projector_state(model), str(path))
 
 
-def find_projector_file(source: str | Path) -> Path:
-    """A projector file, a directory holding one, or a run directory (its newest checkpoint)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if (path / PROJECTOR_FILE).is_file():
-        return path / PROJECTOR_FILE
-    if path.is_dir():
-        candidates = sorted(path.glob(f"**/{PROJECTOR_FILE}"), key=lambda p: p.stat().st_mtime)
-        if candidates:
-            return candidates[-1]
-    raise FileNotFoundError(f"model.init_projector_from: no {PROJECTOR_FILE} at or under {path}")
+def resolve_projector_uri(source: str, storage_root: str | None = None) -> str:
+    """The projector file of `source`: a projector file, a checkpoint, a run directory (its newest
+    checkpoint), local or s3://, or the name of a run under `storage_root`."""
+    from vistralv_ray.data import storage
+    from vistralv_ray.training.checkpointing import latest_checkpoint_uri
+
+    source = str(source)
+    if not storage.is_s3(source):
+        local = Path(source).expanduser()
+        if not local.exists() and storage_root and not local.is_absolute():
+            source = storage.join(storage_root, source)  # a run name
+            if not storage.is_s3(source):
+                local = Path(source).expanduser()
+        if not storage.is_s3(source):
+            if not local.exists():
+                raise FileNotFoundError(
+                    f"model.init_projector_from: {local} does not exist (nor as a run name under {storage_root})"
+                )
+            source = str(local.resolve())
+    if source.endswith(".safetensors"):
+        return source
+    if storage.exists(storage.join(source, PROJECTOR_FILE)):
+        return storage.join(source, PROJECTOR_FILE)
+    try:
+        checkpoint = latest_checkpoint_uri(source)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model.init_projector_from: no {PROJECTOR_FILE} at or under {source}") from e
+    return storage.join(checkpoint, PROJECTOR_FILE)
 
 
-def load_projector(model: torch.nn.Module, source: str | Path) -> Path:
-    from safetensors.torch import load_file
+def load_projector(model: torch.nn.Module, source: str | Path) -> str:
+    from safetensors.torch import load
 
-    path = find_projector_file(source)
-    state = load_file(str(path))
+    from vistralv_ray.data import storage
+
+    uri = resolve_projector_uri(str(source))
+    state = load(storage.read_bytes(uri))
     proj = llava_of(model).model.multi_modal_projector
     missing, unexpected = proj.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
-    log.info("projector initialised from %s", path)
-    return path
+        raise ValueError(f"{uri}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
+    log.info("projector initialised from %s", uri)
+    return uri
 
 
 def apply_stage(model: LlavaForConditionalGeneration, stage: str, lora: LoraSettings) -> torch.nn.Module:

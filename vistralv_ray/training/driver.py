@@ -95,9 +95,16 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vistralv_ray.data.pipeline import build_datasets
-    from vistralv_ray.training.loop import train_loop_per_worker
+    from vistralv_ray.training.loop import PROBE_ENV, train_loop_per_worker
 
     ensure_ray(cfg)
+    if cfg.model.init_projector_from:
+        from vistralv_ray.model.assembly import resolve_projector_uri
+
+        # Resolved once here (a run name becomes its newest checkpoint), so every worker loads the same file.
+        uri = resolve_projector_uri(cfg.model.init_projector_from, cfg.run.storage)
+        log.info("finetune starts from the projector in %s", uri)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_projector_from=uri))
     use_gpu = resolve_use_gpu(cfg)
     datasets, counts = build_datasets(cfg)
     per_epoch, total = planned_steps(cfg, counts["train"])
@@ -124,6 +131,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         "run_dir_local": str(local_run_dir) if local_run_dir else None,
         "wandb_dir": str(wandb_dir),
         "wandb_id": hashlib.sha1(f"{cfg.run.storage}/{cfg.run_name}".encode()).hexdigest()[:12],
+        "probe_logits_path": os.environ.get(PROBE_ENV),
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:

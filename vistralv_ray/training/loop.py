@@ -7,6 +7,7 @@ agreed on with an all-reduce, and a rank without a batch still runs the same mod
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -20,13 +21,16 @@ from vistralv_ray.config.schema import Config
 from vistralv_ray.data.packing import TrainBatch
 from vistralv_ray.errors import REJECT_REASONS
 from vistralv_ray.logging import get_logger
-from vistralv_ray.training.checkpointing import DEEPSPEED_DIR, TrainerState
+from vistralv_ray.training.checkpointing import CONFIG_FILE, DEEPSPEED_DIR, RUN_INFO_FILE, TrainerState
 
 log = get_logger(__name__)
 
 # Tests: kill rank 1 once, in the step after the checkpoint of this step (by then Ray has
 # registered that checkpoint, so the restart must resume from it).
 FAULT_ENV = "VISTRALV_INJECT_FAULT_AFTER_CHECKPOINT"
+# Tests: after the last step, rank 0 saves one of its batches and the logits the trained engine gives
+# for it to this file (the driver reads the variable), so an export can be compared with the trainer's model.
+PROBE_ENV = "VISTRALV_SAVE_PROBE_LOGITS"
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -52,6 +56,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.dtype = torch_dtype(resolve_precision(cfg.train.precision, on_gpu))
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
+        quiet_ray_train_reports()
         self.history: list[dict] = []
 
     # ---- setup -------------------------------------------------------------------------------
@@ -154,7 +159,6 @@ class Worker:
         total, accum = self.plan["total_steps"], self.cfg.train.grad_accum
         self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
         self.wandb = self.start_wandb() if self.rank == 0 else None
-        bar = self.progress_bar(total, state.step)
         timer = StepTimer()
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
         self.engine.train()
@@ -188,13 +192,10 @@ class Worker:
                 )
                 window["steps"] += 1
                 window["loss"] += loss
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
                 if not torch.isfinite(torch.tensor(loss)):
                     log.error("loss is %s at step %d: stopping (diverged)", loss, state.step)
                     metrics = self.report(state, window, timer, diverged=True)
-                    return self.finish(state, metrics, bar)
+                    return self.finish(state, metrics)
                 last = state.step == total
                 if (
                     state.step % self.cfg.train.log_every == 0
@@ -209,7 +210,8 @@ class Worker:
             state.seen_keys = set()
             state.epoch_samples = 0
         metrics = self.history[-1] if self.history else {}
-        return self.finish(state, metrics, bar)
+        self.maybe_save_probe()
+        return self.finish(state, metrics)
 
     def optimizer_step(self, micro: list[TrainBatch], global_targets: float) -> float:
         from vistralv_ray.training.step import summed_token_loss
@@ -304,6 +306,7 @@ class Worker:
         metrics = {k: v for k, v in metrics.items() if v is not None}
         self.history.append(metrics)
         if self.rank == 0:
+            log.info(_progress_line(metrics, self.plan["total_steps"]))
             self.dashboard.record(metrics, int(window["steps"]), int(tokens))
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
@@ -320,6 +323,7 @@ class Worker:
         return metrics
 
     def save_checkpoint(self, directory: Path, state: TrainerState) -> None:
+        from vistralv_ray.config import dump_config
         from vistralv_ray.model.assembly import PROJECTOR_FILE, save_projector
         from vistralv_ray.training.strategy import save_engine
 
@@ -329,6 +333,12 @@ class Worker:
         if self.rank == 0:
             save_projector(self.engine.module, directory / PROJECTOR_FILE)
             self.tokenizer.save_pretrained(directory / "tokenizer")
+            # Self-contained for export: the model recipe and the precision the weights were trained in.
+            dump_config(self.cfg, directory / CONFIG_FILE)
+            precision = "bf16" if self.dtype == torch.bfloat16 else ("fp16" if self.dtype == torch.float16 else "fp32")
+            (directory / RUN_INFO_FILE).write_text(
+                json.dumps({"run_name": self.plan["run_name"], "step": state.step, "precision": precision}, indent=1)
+            )
 
     def maybe_inject_fault(self, step: int) -> None:
         target = os.environ.get(FAULT_ENV)
@@ -343,19 +353,20 @@ class Worker:
             time.sleep(5)
             os._exit(1)
 
-    def progress_bar(self, total: int, initial: int):
-        if self.rank != 0:
-            return None
-        from tqdm import tqdm
+    @torch.no_grad()
+    def maybe_save_probe(self) -> None:
+        target = self.plan.get("probe_logits_path")
+        if not target:
+            return
+        from vistralv_ray.training.step import model_kwargs
 
-        return tqdm(
-            total=total,
-            initial=initial,
-            desc=f"{self.cfg.train.stage} steps",
-            unit="step",
-            mininterval=2.0,
-            dynamic_ncols=True,
-        )
+        name = "eval" if "eval" in self.plan["datasets"] else "train"
+        batch = next(iter(self.batches(name, 0, set())), None) or _dummy_batch(self.tokenizer.pad_token_id)
+        self.engine.eval()
+        # Every rank runs its forward (ZeRO-3 gathers parameters collectively); rank 0 keeps its own.
+        logits = self.engine(**model_kwargs(batch.to(self.device), self.dtype)).logits.float().cpu()
+        if self.rank == 0:
+            torch.save({"batch": batch, "logits": logits}, target)
 
     def start_wandb(self):
         mode = self.cfg.run.wandb
@@ -378,9 +389,7 @@ class Worker:
             config={**dataclasses.asdict(self.cfg), "lr_plan": self.plan["lr_plan"]},
         )
 
-    def finish(self, state: TrainerState, metrics: dict, bar) -> dict | None:
-        if bar is not None:
-            bar.close()
+    def finish(self, state: TrainerState, metrics: dict) -> dict | None:
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             self.wandb.finish()
@@ -393,6 +402,28 @@ class Worker:
             "epoch": state.epoch,
             "epoch_samples": state.epoch_samples,
         }
+
+
+def _progress_line(m: dict, total: int) -> str:
+    parts = [f"step {m['step']}/{total}", f"loss {m['loss']:.4f}"]
+    if "eval_loss" in m:
+        parts.append(f"eval_loss {m['eval_loss']:.4f}")
+    parts += [f"lr {m.get('lr', 0):.3g}", f"{m['samples_per_s']:.1f} samples/s", f"{m['tokens_per_s']:.0f} tokens/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    parts.append(f"data wait {100 * m['data_wait_fraction']:.0f}%")
+    return " | ".join(parts)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's full metrics dict at INFO; our one-line progress replaces it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _keys(sample_ids: list[str]) -> list[int]:

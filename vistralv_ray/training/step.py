@@ -24,17 +24,23 @@ def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype, mean=SIGLIP_MEAN,
     return ((x - m) / s).to(dtype)
 
 
+def model_kwargs(batch: TrainBatch, dtype: torch.dtype) -> dict:
+    """The keyword arguments of the Llava forward for a batch (also used to check exports)."""
+    pixel_values = normalize_pixels(batch.pixel_values, dtype) if batch.pixel_values.shape[0] else None
+    return {
+        "input_ids": batch.input_ids,
+        "pixel_values": pixel_values,
+        "position_ids": batch.position_ids,
+        "attention_mask": batch.attention_mask,
+        "use_cache": False,
+    }
+
+
 def summed_token_loss(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dtype) -> torch.Tensor:
     """Sum of cross-entropy over the batch's target tokens (targets are already shifted)."""
-    pixel_values = normalize_pixels(batch.pixel_values, dtype) if batch.pixel_values.shape[0] else None
-    out = model(
-        input_ids=batch.input_ids,
-        pixel_values=pixel_values,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-    )
-    logits = out.logits.float()
+    kwargs = model_kwargs(batch, dtype)
+    pixel_values = kwargs["pixel_values"]
+    logits = model(**kwargs).logits.float()
     loss = F.cross_entropy(
         logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -1,0 +1,83 @@
+"""A LoRA finetune started from an earlier run's projector: export (adapters merged), eval and chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vistralv_ray.training.driver import train
+
+pytestmark = pytest.mark.integration
+
+
+def test_lora_run_exports_merged_evaluates_and_chats(
+    ray_local, run_config, tiny_shards, demo_corpus, tmp_path, monkeypatch
+):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vistralv_ray.inference.chat import ChatSession, run_chat
+    from vistralv_ray.inference.evaluate import evaluate
+    from vistralv_ray.inference.export import export
+    from vistralv_ray.inference.models import load_model
+    from vistralv_ray.model.assembly import PROJECTOR_FILE, build_model, save_projector
+    from vistralv_ray.training.loop import PROBE_ENV
+    from vistralv_ray.training.step import model_kwargs
+
+    # An earlier "align run" under the same storage, whose projector the finetune starts from by name.
+    base = run_config(stage="finetune")
+    earlier = Path(base.run.storage) / "align-earlier" / "checkpoint-000004"
+    earlier.mkdir(parents=True)
+    save_projector(build_model(base.model).model, earlier / PROJECTOR_FILE)
+
+    monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe.pt"))
+    cfg = run_config(
+        "model.lora.enabled=true",
+        "model.lora.r=8",
+        "model.lora.alpha=16",
+        "model.lora.dropout=0.0",
+        "model.init_projector_from=align-earlier",
+        "train.zero_stage=3",
+        "train.max_steps=4",
+        f"data.eval=[{tiny_shards['eval']}]",
+        "run.name=lora",
+        stage="finetune",
+    )
+    result = train(cfg)
+    assert result.error is None
+    resolved = (Path(result.path) / "config.yaml").read_text()
+    assert str(earlier / PROJECTOR_FILE) in resolved  # the run name became that run's newest projector
+
+    out = export(result.path, tmp_path / "export")
+    with pytest.raises(FileExistsError):
+        export(result.path, out)  # an existing export is never overwritten without --overwrite
+    info = json.loads((out / "vistralv_export.json").read_text())
+    assert info["lora_merged"] and info["stage"] == "finetune"
+    model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    probe = torch.load(tmp_path / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        logits = model(**model_kwargs(probe["batch"], torch.float32)).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+    assert AutoProcessor.from_pretrained(str(out)).chat_template is not None
+
+    metrics = evaluate(out, str(demo_corpus["eval"]), tmp_path / "eval", limit=4, batch_size=2, max_new_tokens=6)
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    records = json.loads(demo_corpus["eval"].read_text())[:4]
+    assert len(lines) == metrics["questions"] == sum(len(r["conversations"]) // 2 for r in records)
+    assert {line["id"] for line in lines} == {r["id"] for r in records}
+    assert all(set(line) >= {"question", "reference", "prediction", "blank_prediction"} for line in lines)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 < saved["loss"] < 20 and saved["perplexity"] > 1
+    assert 0 <= saved["accuracy"] <= 1 and 0 <= saved["blank_image_accuracy"] <= 1
+
+    from PIL import Image
+
+    session = ChatSession(load_model(out, "cpu"), image=Image.open(demo_corpus["images"] / "eval_00000.jpg"))
+    pieces: list[str] = []
+    run_chat(session, "Hình trong ảnh có màu gì?", pieces.append, max_new_tokens=5)
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[0]["content"].startswith("<image>\n")
+    assert "".join(pieces).strip() == session.messages[1]["content"]

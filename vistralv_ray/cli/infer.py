@@ -1,0 +1,105 @@
+"""Inference sub-commands: `export` (Hugging Face Llava directory), `chat` and `eval` (Ray Data batch inference)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's (or checkpoint's) model as a Hugging Face Llava directory")
+    p.add_argument("source", help="run directory or checkpoint directory, local or s3://")
+    p.add_argument("out", type=Path)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the training precision (bf16 for GPU runs, fp32 for CPU runs)",
+    )
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("chat", help="ask a trained model about an image (streamed; interactive without --prompt)")
+    p.add_argument("model", help="export directory, or a run / checkpoint (exported on the fly)")
+    p.add_argument("--image", type=Path, help="image file; omit for a text-only conversation")
+    p.add_argument("--prompt", help="one question; without it, an interactive multi-turn session")
+    p.add_argument("--system", help="system prompt (default: the one the model was trained with)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding; > 0: sampling")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("eval", help="batch inference with Ray Data: predictions.jsonl and metrics.json")
+    p.add_argument("model", help="export directory, or a run / checkpoint (exported on the fly)")
+    p.add_argument("--data", required=True, help="LLaVA JSON file, or a directory / s3:// URI of prepared shards")
+    p.add_argument("--image-root", help="image folder of a LLaVA JSON file (default: its folder, then images/)")
+    p.add_argument("--out", type=Path, default=Path("eval"))
+    p.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each when there are GPUs)")
+    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.set_defaults(func=evaluate)
+
+
+def export(args: argparse.Namespace) -> int:
+    from vistralv_ray.inference.export import export as run
+
+    out = run(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"exported to {out}")
+    print(f"load it with LlavaForConditionalGeneration.from_pretrained({str(out)!r}) and AutoProcessor")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from vistralv_ray.inference.chat import ChatSession, run_chat
+    from vistralv_ray.inference.models import load_model, model_directory
+
+    image = None
+    if args.image is not None:
+        from vistralv_ray.data.images import open_checked
+
+        if not args.image.is_file():
+            raise FileNotFoundError(f"--image: {args.image} does not exist")
+        image = open_checked(args.image.read_bytes()).convert("RGB")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with model_directory(args.model) as directory:
+        session = ChatSession(load_model(directory, args.device), image=image, system=args.system)
+        run_chat(
+            session,
+            args.prompt,
+            write,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from vistralv_ray.inference.evaluate import evaluate as run
+    from vistralv_ray.inference.models import model_directory
+
+    with model_directory(args.model) as directory:
+        metrics = run(
+            directory,
+            args.data,
+            args.out,
+            image_root=args.image_root,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,
+        )
+    print(json.dumps(metrics, indent=1, ensure_ascii=False))
+    print(f"predictions: {args.out / 'predictions.jsonl'}\nmetrics:     {args.out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,1 @@
+"""Inference on trained models: export to the Hugging Face Llava format, chat and evaluation."""

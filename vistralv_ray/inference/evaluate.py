@@ -1,0 +1,251 @@
+"""`vistralv-ray eval`: batch inference with Ray Data over LLaVA JSON or prepared shards.
+
+Model actors (`map_batches` with an actor pool, one GPU each when there are GPUs) load the exported
+model with plain transformers and, for every record, compute the teacher-forced loss of its answers
+and answer each of its questions twice: with the real image and with a blank one. Accuracy with
+blank images shows how much the model really looks at the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vistralv_ray.errors import RecordError
+from vistralv_ray.logging import get_logger
+
+log = get_logger(__name__)
+
+SHORT_ANSWER_WORDS = 6  # answers up to this long count towards accuracy
+BLANK_COLOUR = (255, 255, 255)
+
+
+def load_eval_records(path: str, image_root: str | None = None) -> tuple[list[dict], dict[str, int]]:
+    """Records {id, image (bytes or None), messages (JSON)} and rejected counts by reason."""
+    from vistralv_ray.data import storage
+
+    p = Path(path).expanduser()
+    if storage.is_s3(path) or p.is_dir() or p.suffix == ".parquet":
+        return _records_from_shards(path), {}
+    from vistralv_ray.data.sources import read_records
+    from vistralv_ray.text.conversation import normalize_messages
+
+    roots = [Path(image_root).expanduser()] if image_root else [p.parent, p.parent / "images"]
+    records, rejected = [], {}
+    for row in read_records(p, "llava"):
+        try:
+            if "error" in row:
+                raise RecordError("malformed_record", row["error"])
+            image = _read_image(row["image"], roots) if row.get("image") else None
+            messages = normalize_messages(row["turns"], has_image=image is not None)
+        except RecordError as e:
+            rejected[e.reason] = rejected.get(e.reason, 0) + 1
+            log.warning("eval record %r rejected: %s", row["id"], e)
+            continue
+        records.append({"id": row["id"], "image": image, "messages": json.dumps(messages, ensure_ascii=False)})
+    return records, rejected
+
+
+def _read_image(name: str, roots: list[Path]) -> bytes:
+    for root in roots:
+        candidate = (root / name).resolve()
+        if candidate.is_relative_to(root.resolve()) and candidate.is_file():
+            return candidate.read_bytes()
+    raise RecordError("missing_image", f"image {name!r} not found under {', '.join(map(str, roots))}")
+
+
+def _records_from_shards(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from vistralv_ray.data import storage
+
+    records = []
+    for uri in storage.list_parquet([path]):
+        fs, inner = storage.filesystem_for(uri)
+        table = pq.read_table(inner, filesystem=fs, columns=["id", "image", "messages"])
+        for row in table.to_pylist():
+            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+            messages_json = json.dumps(messages, ensure_ascii=False)
+            records.append({"id": row["id"], "image": row["image"], "messages": messages_json})
+    return records
+
+
+def questions_of(messages: list[dict]) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, question, reference answer) for every assistant turn, earlier answers as history."""
+    out = []
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant" and i > 0:
+            question = messages[i - 1]["content"].replace("<image>", "").strip()
+            out.append((messages[:i], question, msg["content"]))
+    return out
+
+
+class EvalPredictor:
+    """A Ray Data actor: one model per actor, a batch of records in, one row per question out."""
+
+    def __init__(self, model_dir: str, max_new_tokens: int = 32, device: str = "auto"):
+        from PIL import Image
+
+        from vistralv_ray.inference.models import generation_kwargs, load_model
+        from vistralv_ray.text.conversation import ConversationEncoder
+
+        self.loaded = load_model(model_dir, device)
+        config = self.loaded.model.config
+        max_positions = getattr(config.text_config, "max_position_embeddings", 32768)
+        self.encoder = ConversationEncoder(
+            self.loaded.tokenizer, self.loaded.processor.chat_template, config.image_seq_length, max_positions
+        )
+        self.generate_kwargs = generation_kwargs(max_new_tokens, 0.0, 1.0)
+        self.blank = Image.new("RGB", (64, 64), BLANK_COLOUR)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from vistralv_ray.data.images import open_checked
+
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "id",
+                "turn",
+                "question",
+                "reference",
+                "prediction",
+                "blank_prediction",
+                "loss_sum",
+                "loss_tokens",
+                "has_image",
+            )
+        }
+        prompts, images = [], []
+        for rid, image_bytes, messages_json in zip(batch["id"], batch["image"], batch["messages"], strict=True):
+            messages = json.loads(messages_json)
+            image = open_checked(image_bytes).convert("RGB") if image_bytes is not None else None
+            loss_sum, loss_tokens = self.answer_loss(messages, image)
+            for turn, (prompt, question, reference) in enumerate(questions_of(messages)):
+                rows["id"].append(str(rid))
+                rows["turn"].append(turn)
+                rows["question"].append(question)
+                rows["reference"].append(reference)
+                rows["loss_sum"].append(loss_sum if turn == 0 else 0.0)
+                rows["loss_tokens"].append(loss_tokens if turn == 0 else 0)
+                rows["has_image"].append(image is not None)
+                prompts.append(self.loaded.processor.apply_chat_template(prompt, tokenize=False))
+                images.append(image)
+        rows["prediction"] = self.answer(prompts, images)
+        with_image = [i for i, im in enumerate(images) if im is not None]
+        blank_answers = self.answer([prompts[i] for i in with_image], [self.blank] * len(with_image))
+        rows["blank_prediction"] = [None] * len(prompts)
+        for i, text in zip(with_image, blank_answers, strict=True):
+            rows["blank_prediction"][i] = text
+        return rows
+
+    @torch.no_grad()
+    def answer(self, prompts: list[str], images: list) -> list[str]:
+        from vistralv_ray.inference.models import model_inputs
+
+        if not prompts:
+            return []
+        inputs = model_inputs(self.loaded, prompts, [im for im in images if im is not None])
+        out = self.loaded.model.generate(**inputs, **self.generate_kwargs)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.loaded.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def answer_loss(self, messages: list[dict], image) -> tuple[float, int]:
+        """Summed cross-entropy of the answer tokens (and their </s>) of the whole conversation."""
+        encoded = self.encoder.encode(messages)
+        device = self.loaded.device
+        ids = torch.as_tensor(encoded.input_ids, dtype=torch.long, device=device)[None]
+        labels = torch.as_tensor(encoded.labels, dtype=torch.long, device=device)[None]
+        kwargs = {}
+        if image is not None:
+            pixels = self.loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            kwargs["pixel_values"] = pixels.to(device, self.loaded.model.dtype)
+        logits = self.loaded.model(input_ids=ids, **kwargs).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+        return float(loss), int((labels[0, 1:] != -100).sum())
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str,
+    out: str | Path,
+    image_root: str | None = None,
+    actors: int = 1,
+    cpus_per_actor: float | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+) -> dict:
+    """Run the model over `data`; writes OUT/predictions.jsonl and OUT/metrics.json, returns the metrics."""
+    import ray
+
+    started = time.time()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    records, rejected = load_eval_records(data, image_root)
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"--data: no usable records in {data} (rejected: {rejected})")
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = cpus_per_actor or max(1.0, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
+    ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / batch_size)))
+    predictions = ds.map_batches(
+        EvalPredictor,
+        fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_new_tokens": max_new_tokens},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus >= 1 else 0,
+        num_cpus=cpus,
+    )
+    rows = sorted(predictions.iter_rows(), key=lambda r: (r["id"], r["turn"]))
+    metrics = summarize(rows, rejected)
+    metrics.update(
+        {
+            "model": str(model_dir),
+            "data": str(data),
+            "records": len(records),
+            "seconds": round(time.time() - started, 1),
+        }
+    )
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for r in rows:
+            line = {k: r[k] for k in ("id", "turn", "question", "reference", "prediction", "blank_prediction")}
+            f.write(json.dumps(_plain(line), ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
+    return metrics
+
+
+def summarize(rows: list[dict], rejected: dict[str, int]) -> dict:
+    from vistralv_ray.inference.models import answer_matches
+
+    loss_sum = sum(float(r["loss_sum"]) for r in rows)
+    tokens = sum(int(r["loss_tokens"]) for r in rows)
+    loss = loss_sum / tokens if tokens else float("nan")
+    short = [r for r in rows if len(str(r["reference"]).split()) <= SHORT_ANSWER_WORDS]
+    blank_set = [r for r in short if r["has_image"]]
+    correct = sum(answer_matches(r["reference"], r["prediction"]) for r in short)
+    blank_correct = sum(answer_matches(r["reference"], r["blank_prediction"] or "") for r in blank_set)
+    return {
+        "questions": len(rows),
+        "short_answer_questions": len(short),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)) if tokens else float("nan"),
+        "answer_tokens": tokens,
+        "accuracy": correct / len(short) if short else None,
+        "blank_image_accuracy": blank_correct / len(blank_set) if blank_set else None,
+        "rejected": rejected,
+    }
+
+
+def _plain(row: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

@@ -1,0 +1,194 @@
+"""Export a training checkpoint as a plain Hugging Face Llava directory.
+
+A checkpoint holds DeepSpeed shards of the trainable parameters only (ZeRO 2 or 3), the resolved
+config and the tokenizer. Export rebuilds the model from the same recipe (frozen parts come from
+their own `from_pretrained`), puts the gathered fp32 weights in, merges LoRA adapters, and writes
+`LlavaForConditionalGeneration` + tokenizer + image processor + `LlavaProcessor` carrying the chat
+template of training. The result loads with transformers alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vistralv_ray.config import Config, load_config
+from vistralv_ray.data import storage
+from vistralv_ray.logging import get_logger
+from vistralv_ray.training.checkpointing import (
+    CONFIG_FILE,
+    DEEPSPEED_DIR,
+    RUN_INFO_FILE,
+    STATE_FILE,
+    latest_checkpoint_uri,
+)
+
+log = get_logger(__name__)
+
+EXPORT_INFO_FILE = "vistralv_export.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainedCheckpoint:
+    directory: Path  # local copy of the checkpoint directory
+    uri: str  # where it came from (local path or s3:// URI)
+    config: Config
+    step: int
+    tag: str
+    precision: str
+
+
+@contextlib.contextmanager
+def open_checkpoint(source: str) -> Iterator[TrainedCheckpoint]:
+    """The checkpoint of a run (local or s3://) as a local directory with its config."""
+    uri = latest_checkpoint_uri(str(source))
+    with contextlib.ExitStack() as stack:
+        if storage.is_s3(uri):
+            import pyarrow.fs as pafs
+
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vistralv-ckpt-")))
+            fs, path = storage.filesystem_for(uri)
+            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        else:
+            local = Path(uri).expanduser().resolve()
+        config_path = local / CONFIG_FILE
+        if not config_path.is_file():  # checkpoints of older runs: the run directory's config
+            config_path = local.parent / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{uri}: no {CONFIG_FILE} in the checkpoint or its run directory")
+        state = json.loads((local / STATE_FILE).read_text())
+        info = json.loads((local / RUN_INFO_FILE).read_text()) if (local / RUN_INFO_FILE).is_file() else {}
+        yield TrainedCheckpoint(
+            directory=local,
+            uri=uri,
+            config=load_config(config_path),
+            step=int(state["step"]),
+            tag=state["tag"],
+            precision=info.get("precision", "fp32"),
+        )
+
+
+def trained_model(ckpt: TrainedCheckpoint) -> tuple[torch.nn.Module, object]:
+    """(LlavaForConditionalGeneration in fp32 with the trained weights, LoRA merged; assembled model)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vistralv_ray.model.assembly import apply_stage, build_model
+
+    cfg = ckpt.config
+    # The trained projector is in the shards; the align run it started from need not exist any more.
+    model_cfg = dataclasses.replace(cfg.model, init_projector_from=None)
+    assembled = build_model(model_cfg, dtype=torch.float32, attn_implementation="sdpa")
+    model = apply_stage(assembled.model, cfg.train.stage, cfg.model.lora)
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(ckpt.directory / DEEPSPEED_DIR), tag=ckpt.tag, exclude_frozen_parameters=True
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    known = set(model.state_dict())
+    missing = sorted(trainable - set(state))
+    unexpected = sorted(set(state) - known)
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt.uri}: the checkpoint does not fit the model its config builds "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})"
+        )
+    model.load_state_dict(state, strict=False)
+    if cfg.train.stage == "finetune" and cfg.model.lora.enabled:
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    return model, assembled
+
+
+def build_image_processor(cfg: Config, image_size: int):
+    """SigLIP's normalisation and bicubic resize, with LLaVA's pad-to-square (image-mean grey) for `pad`."""
+    from transformers import AutoImageProcessor
+
+    from vistralv_ray.data.images import PAD_FILL
+
+    tower = AutoImageProcessor.from_pretrained(cfg.model.vision_tower)
+    mean = list(getattr(tower, "image_mean", [0.5, 0.5, 0.5]))
+    std = list(getattr(tower, "image_std", [0.5, 0.5, 0.5]))
+    if cfg.model.aspect == "pad" and tuple(int(m * 255) for m in mean) != PAD_FILL:
+        log.warning("pad colour %s differs from the image mean %s: exported padding uses the mean", PAD_FILL, mean)
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(
+        do_pad=cfg.model.aspect == "pad",
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        resample=3,  # bicubic, as in training
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+    )
+
+
+def build_processor(cfg: Config, tokenizer, chat_template: str, vision_config):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=build_image_processor(cfg, vision_config.image_size),
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=cfg.model.vision_feature_select_strategy,
+        chat_template=chat_template,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+    )
+
+
+def resolve_dtype(requested: str, precision: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
+    if requested not in DTYPES:
+        raise ValueError(f"dtype: unknown {requested!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def export(source: str, out: str | Path, dtype: str = "auto", overwrite: bool = False, max_shard_size="5GB") -> Path:
+    """Write the Hugging Face directory of a run's latest checkpoint (or the given checkpoint) to OUT."""
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    with open_checkpoint(source) as ckpt:
+        model, assembled = trained_model(ckpt)
+        target_dtype = resolve_dtype(dtype, ckpt.precision)
+        model.to(target_dtype)
+        model.config.use_cache = True
+        model.generation_config.eos_token_id = assembled.tokenizer.eos_token_id
+        model.generation_config.pad_token_id = assembled.tokenizer.pad_token_id
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        assembled.tokenizer.save_pretrained(tmp)
+        vision_config = model.config.vision_config
+        build_processor(ckpt.config, assembled.tokenizer, assembled.chat_template, vision_config).save_pretrained(tmp)
+        info = {
+            "source": ckpt.uri,
+            "step": ckpt.step,
+            "stage": ckpt.config.train.stage,
+            "lora_merged": bool(ckpt.config.train.stage == "finetune" and ckpt.config.model.lora.enabled),
+            "dtype": str(target_dtype).removeprefix("torch."),
+            "template": ckpt.config.model.template,
+            "aspect": ckpt.config.model.aspect,
+            "image_seq_length": assembled.image_seq_length,
+        }
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
+        tmp.rename(out)
+    log.info("exported %s (step %d, %s) to %s", ckpt.uri, ckpt.step, info["dtype"], out)
+    return out
