@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vistralv_ray.cli import assets, data, quickstart, train
+from vistralv_ray.cli import assets, data, infer, quickstart, train
 
 # Each module has `register(subparsers)`; its parsers set `func` to the function that runs them.
-COMMAND_MODULES = [assets, data, train, quickstart]
+COMMAND_MODULES = [assets, data, train, infer, quickstart]
 
 
 def build_parser() -> argparse.ArgumentParser:
