@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vistralv_ray.config import config_from_dict
@@ -12,6 +14,7 @@ def ray_local():
     import ray
 
     ray.shutdown()
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # slow starts on a busy 2-core machine
     # Logical CPUs above the 2 physical ones: 2 train workers + preprocessing + file listing at once.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray

@@ -36,8 +36,13 @@ def ensure_ray(cfg: Config) -> None:
     if os.environ.get("DS_ACCELERATOR"):
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's own runtime env may set these names already; Ray refuses
+        # to merge two values of one variable, and the job's choice wins.
+        env = {k: v for k, v in env.items() if k not in os.environ}
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
         return
+    # A busy small machine can take longer than Ray's default to start its metrics agent.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     # Local mode: logical CPUs are a scheduling budget. On a small machine, make room for the train
     # workers plus the preprocessing actors, reads and Ray Data's file listing task (1 CPU), so that
     # Ray Data never waits behind Train's reservation (`backpressured:tasks(ResourceBudget)`).

@@ -1,0 +1,293 @@
+"""Submit a recipe to a Ray cluster as a Ray job: this repository's `ray job submit`.
+
+    python jobs/submit.py jobs/finetune.yaml --address http://HEAD:8265 --set scaling.workers=16 [--dry-run] [--follow]
+
+The recipe and its `--set` overrides are validated here first, so a typo fails before anything is
+uploaded. The repository travels as the job's working_dir; credentials (WANDB_API_KEY, HF_TOKEN,
+AWS_*) are forwarded by name from this shell's environment and their values are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+from vistralv_ray.config import Config, ConfigError, load_config, parse_override
+from vistralv_ray.data.storage import is_s3
+from vistralv_ray.training.driver import WORKER_ENV
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Left out of the working_dir upload (gitignore syntax, on top of the repository's .gitignore).
+WORKING_DIR_EXCLUDES = [
+    ".git/",
+    ".venv/",
+    "runs/",
+    "quickstart/",
+    "wandb/",
+    "build/",
+    "*.egg-info/",
+    "__pycache__/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+]
+
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "HF_TOKEN")
+FORWARDED_PREFIXES = ("AWS_",)
+# AWS_* names that point at profiles or files on this machine: meaningless, or harmful, on the cluster.
+LOCAL_ONLY_ENV = {
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+}
+# The driver sets these in its own ray.init(runtime_env=...); Ray refuses a job whose runtime_env
+# sets the same keys ("Failed to merge the Job's runtime env").
+RESERVED_ENV = set(WORKER_ENV) | {"DS_ACCELERATOR"}
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+@dataclass
+class Submission:
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The submission as JSON-ready data, env var values redacted."""
+        env = dict(self.runtime_env)
+        if "env_vars" in env:
+            env["env_vars"] = {name: "<redacted>" for name in sorted(env["env_vars"])}
+        return {
+            "submission_id": self.submission_id,
+            "entrypoint": self.entrypoint,
+            "runtime_env": env,
+            "metadata": self.metadata,
+        }
+
+
+def forwarded_env(environ: dict[str, str], extra: list[str], include_aws: bool = True) -> dict[str, str]:
+    """The caller's credentials and settings that the job needs, by name; unset names are skipped."""
+    bad = sorted(set(extra) & RESERVED_ENV)
+    if bad:
+        raise ConfigError(f"--env {bad[0]}: the driver sets it itself; Ray would refuse the job's runtime_env")
+    names = {n for n in FORWARDED_ENV if n in environ}
+    if include_aws:
+        names |= {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in LOCAL_ONLY_ENV}
+    names |= {n for n in extra if n in environ}
+    return {n: environ[n] for n in sorted(names - RESERVED_ENV)}
+
+
+def recipe_in_repo(recipe: str | Path) -> str:
+    """The recipe's path inside the repository (the job's working directory), POSIX style."""
+    path = Path(recipe).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        raise ConfigError(f"{recipe}: a submitted recipe must live in {REPO_ROOT}, the working_dir") from None
+
+
+def inline_file_overrides(overrides: list[str]) -> list[str]:
+    """`key=@file.json` becomes `key=<value>`: the file stays here, the job gets the value."""
+    inlined = []
+    for text in overrides:
+        key, value = parse_override(text)
+        inlined.append(f"{key}={json.dumps(value)}" if text.split("=", 1)[1].startswith("@") else text)
+    return inlined
+
+
+def submission_id_for(run_name: str, now: datetime | None = None) -> str:
+    """`<run name>-<UTC time>`: run names are stable (a rerun resumes), submission ids must be unique."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    return f"{slug}-{stamp}"
+
+
+def git_describe() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_submission(args: argparse.Namespace, environ: dict[str, str]) -> tuple[Submission, Config]:
+    """Validate the recipe with its overrides and assemble the job; raises ConfigError on a bad recipe."""
+    overrides = inline_file_overrides(args.overrides)
+    cfg = load_config(args.recipe, overrides)
+    recipe = recipe_in_repo(args.recipe)
+    tokens = ["vistralv-ray", args.command, recipe]
+    for text in overrides:
+        tokens += ["--set", text]
+    runtime_env: dict = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES + args.exclude}
+    env_vars = forwarded_env(environ, args.env, include_aws=not args.no_aws_env)
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    metadata = {"recipe": recipe, "run_name": cfg.run_name, "command": args.command}
+    if (commit := git_describe()) is not None:
+        metadata["git"] = commit
+    submission = Submission(
+        submission_id=args.submission_id or submission_id_for(cfg.run_name),
+        entrypoint=shlex.join(tokens),
+        runtime_env=runtime_env,
+        metadata=metadata,
+    )
+    return submission, cfg
+
+
+def cluster_warnings(cfg: Config, address: str | None) -> list[str]:
+    """Settings that work on one machine but not on a multi-node cluster."""
+    host = urlparse(address if address and "://" in address else f"http://{address}").hostname
+    if address is None or host in LOCAL_HOSTS:
+        return []
+    warnings = []
+    if not is_s3(cfg.run.storage):
+        warnings.append(f"run.storage={cfg.run.storage} is a local path: on a multi-node cluster use s3://")
+    local_data = [u for u in cfg.data.train + cfg.data.eval if not is_s3(u)]
+    if local_data:
+        warnings.append(f"data paths {local_data} are local: every node must see them (use s3://)")
+    return warnings
+
+
+def connect(address: str | None):
+    """The Job API client. Token auth (Ray's default) is switched on when a token is at hand."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # what `ray start` does when it finds a token
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def transient(error: Exception) -> bool:
+    """Errors of a head that is starting or busy: no job agent yet, or a dropped HTTP connection."""
+    from requests.exceptions import ConnectionError as DroppedConnection
+
+    return isinstance(error, (ConnectionError, DroppedConnection)) or "No available agent" in str(error)
+
+
+def retry(call, what: str, attempts: int, wait_s: float):
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except (RuntimeError, OSError) as e:
+            if attempt == attempts or not transient(e):
+                raise
+            print(f"{what}: {e}; retrying in {wait_s:g} s ({attempt}/{attempts})", file=sys.stderr)
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+def submit_job(client, submission: Submission, attempts: int = 12, wait_s: float = 5.0) -> str:
+    """Submit, retrying while the head is starting. A retry may find the job of a dropped reply created."""
+    tries = []
+
+    def call() -> str:
+        tries.append(1)
+        try:
+            return client.submit_job(
+                entrypoint=submission.entrypoint,
+                submission_id=submission.submission_id,
+                runtime_env=submission.runtime_env,
+                metadata=submission.metadata,
+            )
+        except RuntimeError as e:
+            if len(tries) > 1 and "already exists" in str(e):
+                return submission.submission_id
+            raise
+
+    return retry(call, "submit", attempts, wait_s)
+
+
+def follow(client, submission_id: str, wait_s: float = 5.0) -> int:
+    """Stream the job's logs until it ends; 0 when it SUCCEEDED."""
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = retry(lambda: client.get_job_status(submission_id), "job status", attempts=6, wait_s=wait_s)
+    if not status.is_terminal():
+        print(f"the log stream closed early; waiting for the job (logs: ray job logs {submission_id})")
+    while not status.is_terminal():
+        time.sleep(wait_s)
+        status = retry(lambda: client.get_job_status(submission_id), "job status", attempts=6, wait_s=wait_s)
+    print(f"job {submission_id}: {status.value}")
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Submit a vistralv-ray recipe to a Ray cluster as a Ray job.")
+    p.add_argument("recipe", help="recipe YAML inside this repository, e.g. jobs/finetune.yaml")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="job API / dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--command", choices=["train", "plan"], default="train", help="vistralv-ray sub-command to run")
+    p.add_argument("--submission-id", default=None, help="default: <run name>-<UTC time>")
+    p.add_argument("--env", action="append", default=[], metavar="NAME", help="also forward this env var")
+    p.add_argument("--no-aws-env", action="store_true", help="do not forward AWS_*: the cluster has its own role")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="also leave out of the upload")
+    p.add_argument("--dry-run", action="store_true", help="print the job as JSON; contact no cluster")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 0 on success")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        submission, cfg = build_submission(args, dict(os.environ))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for warning in cluster_warnings(cfg, args.address):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(json.dumps(submission.describe(), indent=2))
+        return 0
+    try:
+        client = connect(args.address)
+        job_id = submit_job(client, submission)
+    except (RuntimeError, OSError) as e:  # unreachable head, refused job, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    address = client.get_address()
+    forwarded = ", ".join(submission.runtime_env.get("env_vars", {})) or "none"
+    print(f"submitted {job_id} to {address}")
+    print(f"  entrypoint: {submission.entrypoint}")
+    print(f"  forwarded env vars: {forwarded}")
+    print(f"  dashboard:  {address}/#/jobs/{job_id}")
+    print(f"  logs:       ray job logs --address {address} --follow {job_id}")
+    print(f"  stop:       ray job stop --address {address} {job_id}")
+    if not args.follow:
+        return 0
+    try:
+        return follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (ray job stop --address {address} {job_id})")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
