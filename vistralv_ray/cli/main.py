@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vistralv_ray.cli import assets, data, infer, quickstart, train
+from vistralv_ray.cli import assets, bench, data, infer, quickstart, train, tune
 
 # Each module has `register(subparsers)`; its parsers set `func` to the function that runs them.
-COMMAND_MODULES = [assets, data, train, infer, quickstart]
+COMMAND_MODULES = [assets, data, train, tune, infer, quickstart, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,9 @@ class DataConfig:
     prefetch_batches: int = 2
     # Records per preprocessing call.
     map_batch_size: int = 32
+    # Ray Data's own progress bars (progress log lines when not on a terminal); the training loop
+    # reports steps, throughput and data wait itself, so they are off unless asked for.
+    progress_bars: bool = False
 
 
 @dataclass

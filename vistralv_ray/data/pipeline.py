@@ -74,7 +74,11 @@ def build_datasets(cfg: Config) -> tuple[dict, dict[str, int]]:
             continue
         files = shard_files(uris)
         counts[name] = count_records(files)
-        datasets[name] = preprocess(read_shards(files, cfg, shuffle), cfg)
+        ds = preprocess(read_shards(files, cfg, shuffle), cfg)
+        # Each dataset carries its own copy of the DataContext, which Ray Train's split executes
+        # with: quieting it here leaves other pipelines in this process as they are.
+        ds.context.enable_progress_bars = cfg.data.progress_bars
+        datasets[name] = ds
     if "train" not in datasets:
         raise FileNotFoundError("data.train: no training shards given")
     return datasets, counts

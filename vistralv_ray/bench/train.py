@@ -1,0 +1,232 @@
+"""`bench train`: our training step (Ray Train worker + DeepSpeed) against a plain PyTorch loop.
+
+Both run in the same command on the same tiny model and the same records. Ours is the real path:
+`training.driver.train` with one worker, Ray Data feeding it, and the figures it reports itself
+(`Result.return_value["history"]`, one entry per logging window). The baseline is the loop a
+researcher would write: the same model and optimizer, batches built in memory beforehand, no Ray,
+no DeepSpeed. Step times are medians over logging windows, the first window dropped as warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vistralv_ray.config import config_from_dict
+from vistralv_ray.config.schema import Config
+from vistralv_ray.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainBenchOptions:
+    steps: int = 20  # measured optimizer steps (after warm-up)
+    warmup_steps: int = 5
+    window: int = 5  # steps per logging window (train.log_every); warmup_steps must be a multiple
+    batch_size: int = 8
+    stage: str = "finetune"
+    threads: int = 1  # torch threads of the train worker and of the plain loop
+    seed: int = 0
+
+
+def make_inputs(work: Path, records: int, stage: str, seed: int = 0) -> dict[str, str]:
+    """Tiny assets, the demo corpus and its shards under `work`."""
+    from vistralv_ray.data.demo import make_demo_corpus
+    from vistralv_ray.data.prepare import PrepareOptions, prepare
+    from vistralv_ray.model.tiny import make_tiny
+
+    assets = make_tiny(work / "tiny", seed=seed)
+    corpus = make_demo_corpus(work / "demo", train_images=records, eval_images=1, seed=seed)
+    source = corpus["align" if stage == "align" else "train"]
+    out = work / "shards"
+    prepare(source, PrepareOptions(str(corpus["images"]), str(out), shard_size=64), parallel=False, progress=False)
+    return {"llm": str(assets["llm"]), "vision": str(assets["vision"]), "shards": str(out), "runs": str(work / "runs")}
+
+
+def bench_config(paths: dict[str, str], opts: TrainBenchOptions) -> Config:
+    total = opts.warmup_steps + opts.steps
+    finetune = opts.stage == "finetune"
+    return config_from_dict(
+        {
+            "model": {
+                "language_model": paths["llm"],
+                "vision_tower": paths["vision"],
+                "template": "vistral" if finetune else "plain",
+                "aspect": "pad" if finetune else "resize",
+                "max_length": 256,
+            },
+            "data": {
+                "train": [paths["shards"]],
+                "per_device_batch": opts.batch_size,
+                "shuffle": False,
+                "preprocess_cpus_per_actor": 0.5,
+            },
+            "train": {
+                "stage": opts.stage,
+                "max_steps": total,
+                "log_every": opts.window,
+                "checkpoint_every": total,
+                "lr_rule": "none",
+                "warmup_ratio": 0.0,
+                "seed": opts.seed,
+            },
+            "scaling": {"workers": 1, "cpus_per_worker": float(opts.threads), "use_gpu": False},
+            "run": {"storage": paths["runs"], "name": "bench-train"},
+        }
+    )
+
+
+def summarise(window_seconds: list[float], window_steps: list[int], samples: list[float], tokens: list[float]) -> dict:
+    """Median step time over windows (each window's time / its steps) and throughput over all of them."""
+    step_times = [s / n for s, n in zip(window_seconds, window_steps)]
+    seconds = sum(window_seconds)
+    return {
+        "median_step_s": statistics.median(step_times),
+        "samples_per_s": sum(samples) / seconds,
+        "tokens_per_s": sum(tokens) / seconds,
+        "measured_steps": int(sum(window_steps)),
+        "windows": len(step_times),
+    }
+
+
+def windows_from_history(history: list[dict], global_batch: int, warmup_steps: int) -> dict:
+    """Our loop's own report -> the same summary as the plain loop, plus its data-wait fraction."""
+    seconds, steps, samples, tokens, waits = [], [], [], [], []
+    previous = 0
+    for entry in history:
+        n = entry["step"] - previous
+        previous = entry["step"]
+        if entry["step"] <= warmup_steps or n <= 0:
+            continue
+        window_samples = n * global_batch
+        elapsed = window_samples / entry["samples_per_s"]
+        seconds.append(elapsed)
+        steps.append(n)
+        samples.append(window_samples)
+        tokens.append(entry["tokens_per_s"] * elapsed)
+        waits.append(entry["data_wait_fraction"] * elapsed)
+    if not seconds:
+        raise ValueError("no logging window after the warm-up steps: raise --steps")
+    out = summarise(seconds, steps, samples, tokens)
+    out["data_wait_fraction"] = sum(waits) / sum(seconds)
+    return out
+
+
+def run_ours(cfg: Config, opts: TrainBenchOptions) -> dict:
+    from vistralv_ray.training.driver import train
+
+    started = time.perf_counter()
+    result = train(cfg)
+    if result.error is not None:
+        raise RuntimeError(f"the Ray Train run failed: {result.error}")
+    out = windows_from_history(result.return_value["history"], cfg.global_batch, opts.warmup_steps)
+    out["command_wall_s"] = time.perf_counter() - started
+    return out
+
+
+def plain_batches(cfg: Config, count: int) -> list:
+    """`count` batches of the shards' first records, in file order, built in memory (no Ray)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from vistralv_ray.data.pipeline import SHARD_COLUMNS, shard_files
+    from vistralv_ray.data.preprocess import PackingCollate, Preprocessor
+    from vistralv_ray.model.assembly import build_tokenizer
+
+    rows = pq.read_table(shard_files(cfg.data.train), columns=SHARD_COLUMNS).to_pydict()
+    pre = Preprocessor(dataclasses.asdict(cfg.model), cfg.data.max_image_pixels)
+    collate = PackingCollate(build_tokenizer(cfg.model)[0].pad_token_id, cfg.data.batching, cfg.data.pack_length)
+    b = cfg.data.per_device_batch
+    return [collate(pre({k: v[i * b : (i + 1) * b] for k, v in rows.items()})) for i in range(count)]
+
+
+def run_plain(cfg: Config, opts: TrainBenchOptions) -> dict:
+    """Same model, optimizer, clipping and batches; torch only. Timed per window like ours."""
+    from vistralv_ray.model.assembly import apply_stage, build_model
+    from vistralv_ray.training.optim import build_param_groups
+    from vistralv_ray.training.step import summed_token_loss
+    from vistralv_ray.training.strategy import build_optimizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        total = opts.warmup_steps + opts.steps
+        batches = plain_batches(cfg, total)
+        model = apply_stage(build_model(cfg.model).model, cfg.train.stage, cfg.model.lora)
+        groups = build_param_groups(model, cfg.train.base_lr, cfg.train.base_lr, cfg.train.weight_decay)
+        for g in groups:
+            g.pop("param_names")
+        optimizer = build_optimizer(groups, cfg, on_gpu=False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        seconds, steps, samples, tokens = [], [], [], []
+        for start in range(0, total, opts.window):
+            window = batches[start : start + opts.window]
+            began = time.perf_counter()
+            for batch in window:
+                loss = summed_token_loss(model, batch, torch.float32) / max(batch.num_target_tokens, 1)
+                loss.backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if start + len(window) <= opts.warmup_steps:
+                continue
+            seconds.append(time.perf_counter() - began)
+            steps.append(len(window))
+            samples.append(sum(b.num_samples for b in window))
+            tokens.append(sum(b.num_tokens for b in window))
+        return summarise(seconds, steps, samples, tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_train_bench(opts: TrainBenchOptions) -> dict:
+    import ray
+
+    from vistralv_ray.bench.data import machine
+    from vistralv_ray.training.driver import WORKER_ENV
+
+    if opts.warmup_steps % opts.window:
+        raise ValueError("--warmup-steps must be a multiple of --window")
+    total = opts.warmup_steps + opts.steps
+    with tempfile.TemporaryDirectory(prefix="vistralv-bench-train-") as tmp:
+        log.info("building tiny assets and %d demo records", total * opts.batch_size)
+        paths = make_inputs(Path(tmp), total * opts.batch_size + opts.batch_size, opts.stage, opts.seed)
+        cfg = bench_config(paths, opts)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            # Our own cluster, quiet (worker logs would mix with --json output) and with the
+            # worker's torch thread count pinned to the plain loop's.
+            env = {**WORKER_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(opts.threads)}
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, 4),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
+        try:
+            log.info("ours: %d steps through Ray Train + DeepSpeed (1 worker)", total)
+            ours = run_ours(cfg, opts)
+        finally:
+            if started_ray:
+                ray.shutdown()  # the plain loop runs without a Ray cluster beside it
+        log.info("plain PyTorch: the same %d steps", total)
+        plain = run_plain(cfg, opts)
+    return {
+        "machine": machine(),
+        "options": asdict(opts),
+        "model": "tiny preset (Mistral 4 layers x 128 + SigLIP 2 layers x 64, 16 image tokens), fp32 on CPU",
+        "ours": ours,
+        "plain_pytorch": plain,
+        "overhead_ratio": ours["median_step_s"] / plain["median_step_s"],
+    }
