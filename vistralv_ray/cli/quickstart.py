@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-images", type=int, default=1500, help="demo images for finetune (and align)")
     p.add_argument("--eval-images", type=int, default=100)
     p.add_argument("--align-epochs", type=int, default=1)
-    p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (GPUs when the machine has them)")
     p.set_defaults(func=run)
 
