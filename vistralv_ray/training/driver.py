@@ -95,6 +95,22 @@ def write_run_files(cfg: Config, run_uri: str, extra: dict) -> None:
     storage.write_bytes(storage.join(run_uri, "lr_plan.yaml"), yaml.safe_dump(extra, sort_keys=False).encode())
 
 
+def absolute_local_paths(cfg: Config) -> Config:
+    """Local model and data paths made absolute: Ray Train runs workers in another directory."""
+
+    def fix(path: str) -> str:
+        if storage.is_s3(path):
+            return path
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() else path  # otherwise a hub id
+
+    model = dataclasses.replace(
+        cfg.model, language_model=fix(cfg.model.language_model), vision_tower=fix(cfg.model.vision_tower)
+    )
+    data = dataclasses.replace(cfg.data, train=[fix(p) for p in cfg.data.train], eval=[fix(p) for p in cfg.data.eval])
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -103,6 +119,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from vistralv_ray.training.loop import PROBE_ENV, train_loop_per_worker
 
     ensure_ray(cfg)
+    cfg = absolute_local_paths(cfg)
     if cfg.model.init_projector_from:
         from vistralv_ray.model.assembly import resolve_projector_uri
 
