@@ -153,6 +153,30 @@ def test_pad_keeps_aspect_with_grey_fill():
     assert tuple(px[1, 16]) == (220, 20, 20)
 
 
+def test_pad_matches_llava_pad_then_resize_up_to_the_edges():
+    from vistralv_ray.bench.data import synthetic_photos
+    from vistralv_ray.data.images import pad_to_square
+
+    for photo in synthetic_photos(3, width=200, height=120, distinct=3):
+        ours = decode_to_pixels(photo, 64, "pad").astype(int)
+        full = pad_to_square(Image.open(io.BytesIO(photo)).convert("RGB"))
+        llava = np.asarray(full.resize((64, 64), Image.Resampling.BICUBIC)).astype(int)
+        assert ours.shape == llava.shape == (64, 64, 3)
+        assert np.abs(ours - llava).mean() < 2.0  # JPEG draft decoding and the edge rows differ slightly
+        assert (ours[:10] == 127).all() and (ours[-10:] == 127).all()  # 200x120 -> 64x38, bands of 13
+
+
+def test_pad_follows_exif_orientation():
+    img = Image.new("RGB", (60, 20), (20, 20, 220))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: 20 wide, 60 tall
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    px = decode_to_pixels(buf.getvalue(), 30, "pad").astype(int)
+    assert (px[:, :5] == 127).all() and (px[:, -5:] == 127).all()  # padded left and right, not top
+    assert px[15, 15, 2] > 180 and px[2, 15, 2] > 180
+
+
 def test_strict_names_the_first_bad_record_and_leaves_no_shards(tmp_path, messy_source, tiny_model_config):
     src, root = messy_source
     with pytest.raises(RecordError, match="record 'missing': missing_image"):
@@ -219,3 +243,28 @@ def test_packed_rows_hold_all_tokens():
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
     # The last token of each sample predicts nothing: no sample learns its neighbour's first token.
     assert batch.targets.tolist() == [[11, 12, 13, 14, -100, 11, 12, -100]]
+
+
+def test_preprocessor_leaves_out_the_records_a_resumed_epoch_has_seen(tmp_path, tiny_model_config):
+    import dataclasses
+
+    from vistralv_ray.data.preprocess import Preprocessor, record_key, save_keys
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(buf, "JPEG")
+    messages = [{"role": "user", "content": "<image>\nMàu gì?"}, {"role": "assistant", "content": "Màu xanh."}]
+    batch = {"id": np.array(["a", "b", "c"], dtype=object), "image": [buf.getvalue()] * 3, "messages": [messages] * 3}
+    model_cfg = dataclasses.asdict(tiny_model_config)
+
+    uri = str(tmp_path / "skip.npy")
+    save_keys(uri, [record_key("a"), record_key("c")])
+    out = Preprocessor(model_cfg, 10**8, skip_keys_uri=uri)(batch)
+    assert list(out["id"]) == ["b"] and out["pixel_values"].shape[0] == len(out["input_ids"]) == 1
+
+    save_keys(uri, [record_key(r) for r in "abc"])
+    out = Preprocessor(model_cfg, 10**8, skip_keys_uri=uri)(batch)
+    assert len(out["id"]) == 0 and out["pixel_values"].shape[0] == 0
+
+    assert list(Preprocessor(model_cfg, 10**8)(batch)["id"]) == ["a", "b", "c"]
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        Preprocessor(model_cfg, 10**8, skip_keys_uri=str(tmp_path / "missing.npy"))

@@ -77,7 +77,7 @@ def demo_configs(work: Path, args: argparse.Namespace) -> tuple[Config, Config]:
                 "base_lr": 4e-3,
                 "zero_stage": 2,
                 "checkpoint_every": 10_000,
-                "eval_every": 200,
+                "eval_every": None,  # once, at the end: each eval pass starts its own pipeline
                 "seed": args.seed,
             },
             "scaling": scaling,

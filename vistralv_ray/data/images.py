@@ -8,7 +8,6 @@ at 1/2, 1/4 or 1/8 of the size directly, which is most of the speed-up over a fu
 from __future__ import annotations
 
 import io
-import math
 import warnings
 
 import numpy as np
@@ -77,27 +76,38 @@ def normalise_encoding(data: bytes, fmt: str) -> bytes:
 
 
 def decode_to_pixels(data: bytes, size: int, aspect: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> uint8 array (size, size, 3): orientation applied, padded to square (`pad`) or not, resized."""
+    """Bytes -> uint8 array (size, size, 3): orientation applied, padded to square (`pad`) or not, resized.
+
+    `pad` resizes the image so its long side is `size` and pastes it centred on a grey square: the
+    same pixels as LLaVA's pad-then-resize up to the bicubic kernel at the image's edges (a level
+    or two of 255), without resampling the padding.
+    """
     img = open_checked(data, max_pixels)
+    w, h = img.size
+    if aspect == "pad":
+        s = size / max(w, h)
+        target = (max(1, round(w * s)), max(1, round(h * s)))
+    else:
+        target = (size, size)
     try:
         if img.format == "JPEG":
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly, never below the requested size: ask
-            # for the size the final resize needs (for `pad`, the long side maps to `size`).
-            w, h = img.size
-            if aspect == "pad":
-                s = size / max(w, h)
-                img.draft("RGB", (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
-            else:
-                img.draft("RGB", (size, size))
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly, never below the requested size.
+            img.draft("RGB", target)
         img = _to_rgb(img)
     except RecordError:
         raise
     except Exception as e:
         raise RecordError("unreadable_image", f"cannot decode image: {e}") from e
-    if aspect == "pad":
-        img = pad_to_square(img)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    if img.size != target:  # exif_transpose may have swapped the sides: target follows the image
+        if aspect == "pad":
+            s = size / max(img.size)
+            target = (max(1, round(img.width * s)), max(1, round(img.height * s)))
+        if img.size != target:
+            img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+    if target != (size, size):
+        canvas = Image.new("RGB", (size, size), PAD_FILL)
+        canvas.paste(img, ((size - target[0]) // 2, (size - target[1]) // 2))
+        img = canvas
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -66,7 +66,6 @@ class TrainBatch:
     sum_sq_lengths: int = 0  # sum of squared sample lengths: the attention cost of packed samples
     sample_ids: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (id, reason, detail)
-    skipped: int = 0  # samples already trained on before a resume
 
     @property
     def nonpad_fraction(self) -> float:
@@ -89,7 +88,6 @@ class TrainBatch:
             sum_sq_lengths=self.sum_sq_lengths,
             sample_ids=self.sample_ids,
             rejected=self.rejected,
-            skipped=self.skipped,
         )
 
 

@@ -50,14 +50,18 @@ def read_shards(files: list[str], cfg: Config, shuffle: bool):
     )
 
 
-def preprocess(ds, cfg: Config):
+def preprocess(ds, cfg: Config, skip_keys_uri: str | None = None):
     import ray.data
 
     from vistralv_ray.data.preprocess import Preprocessor
 
     return ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"model_cfg": dataclasses.asdict(cfg.model), "max_pixels": cfg.data.max_image_pixels},
+        fn_constructor_kwargs={
+            "model_cfg": dataclasses.asdict(cfg.model),
+            "max_pixels": cfg.data.max_image_pixels,
+            "skip_keys_uri": skip_keys_uri,
+        },
         batch_size=cfg.data.map_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.data.preprocess_actors),
@@ -66,19 +70,32 @@ def preprocess(ds, cfg: Config):
     )
 
 
-def build_datasets(cfg: Config) -> tuple[dict, dict[str, int]]:
-    """The Ray datasets for `TorchTrainer(datasets=...)` and their record counts."""
+def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dict, dict[str, int]]:
+    """The Ray datasets for `TorchTrainer(datasets=...)` and their record counts.
+
+    With `resume_skip_uri`, a third dataset, `train_resume`, is the training data without the
+    records whose keys the file at that URI lists (written by rank 0 after it restored a
+    checkpoint, read by the preprocessing actors when the dataset starts). Filtering before Ray
+    Train splits the data keeps the rest of a resumed epoch evenly spread over the workers. Ray
+    Train creates a dataset's split only when a worker asks for it, so a run that does not resume
+    never executes it.
+    """
     datasets, counts = {}, {}
     for name, uris, shuffle in (("train", cfg.data.train, cfg.data.shuffle), ("eval", cfg.data.eval, False)):
         if not uris:
             continue
         files = shard_files(uris)
         counts[name] = count_records(files)
-        ds = preprocess(read_shards(files, cfg, shuffle), cfg)
-        # Each dataset carries its own copy of the DataContext, which Ray Train's split executes
-        # with: quieting it here leaves other pipelines in this process as they are.
-        ds.context.enable_progress_bars = cfg.data.progress_bars
-        datasets[name] = ds
+        datasets[name] = _quiet(preprocess(read_shards(files, cfg, shuffle), cfg), cfg)
+        if name == "train" and resume_skip_uri:
+            datasets["train_resume"] = _quiet(preprocess(read_shards(files, cfg, shuffle), cfg, resume_skip_uri), cfg)
     if "train" not in datasets:
         raise FileNotFoundError("data.train: no training shards given")
     return datasets, counts
+
+
+def _quiet(ds, cfg: Config):
+    # Each dataset carries its own copy of the DataContext, which Ray Train's split executes
+    # with: quieting it here leaves other pipelines in this process as they are.
+    ds.context.enable_progress_bars = cfg.data.progress_bars
+    return ds

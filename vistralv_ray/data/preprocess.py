@@ -28,7 +28,7 @@ def record_key(record_id: str) -> int:
 class Preprocessor:
     """Ray Data `map_batches` callable: shard rows -> input_ids, labels, uint8 pixels, reason."""
 
-    def __init__(self, model_cfg: dict, max_pixels: int):
+    def __init__(self, model_cfg: dict, max_pixels: int, skip_keys_uri: str | None = None):
         from vistralv_ray.config.loader import _build
         from vistralv_ray.model.assembly import build_encoder, load_vision_config
 
@@ -36,12 +36,14 @@ class Preprocessor:
         self.encoder = build_encoder(self.model_cfg)  # once per actor: loading a tokenizer is slow
         self.size = self.model_cfg.image_size or load_vision_config(self.model_cfg.vision_tower).image_size
         self.max_pixels = max_pixels
+        # Records already trained on in a resumed epoch: left out here, before any decoding.
+        self.skip_keys = load_keys(skip_keys_uri) if skip_keys_uri else frozenset()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
+        keep = [i for i, rid in enumerate(batch["id"]) if record_key(str(rid)) not in self.skip_keys]
         out_ids, out_labels, out_pixels, has_image, reasons, details = [], [], [], [], [], []
         blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-        for i in range(n):
+        for i in keep:
             image = batch["image"][i]
             try:
                 messages = normalize_messages([dict(m) for m in batch["messages"][i]], has_image=image is not None)
@@ -65,14 +67,35 @@ class Preprocessor:
                 reasons.append(e.reason)
                 details.append(e.detail)
         return {
-            "id": np.asarray(batch["id"], dtype=object),
+            "id": np.asarray([batch["id"][i] for i in keep], dtype=object),
             "input_ids": _ragged(out_ids),
             "labels": _ragged(out_labels),
-            "pixel_values": np.stack(out_pixels),
+            "pixel_values": np.stack(out_pixels) if keep else np.zeros((0, self.size, self.size, 3), np.uint8),
             "has_image": np.asarray(has_image, dtype=bool),
             "reject_reason": np.asarray(reasons, dtype=object),
             "reject_detail": np.asarray(details, dtype=object),
         }
+
+
+def save_keys(uri: str, keys) -> None:
+    """Record keys (see `record_key`) to a .npy file, local or s3://."""
+    import io
+
+    from vistralv_ray.data import storage
+
+    buf = io.BytesIO()
+    np.save(buf, np.fromiter(keys, dtype=np.uint64))
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def load_keys(uri: str) -> frozenset[int]:
+    import io
+
+    from vistralv_ray.data import storage
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: the keys of the records to skip are missing (written by rank 0 on resume)")
+    return frozenset(int(k) for k in np.load(io.BytesIO(storage.read_bytes(uri))))
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -84,20 +107,15 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 class PackingCollate(NumpyBatchCollateFn):
     """Preprocessed rows -> one `TrainBatch` (packed or padded), keeping count of rejected rows."""
 
-    def __init__(self, pad_id: int, mode: str, pack_length: int | None, skip_keys: set[int] | None = None):
+    def __init__(self, pad_id: int, mode: str, pack_length: int | None):
         self.pad_id = pad_id
         self.mode = mode
         self.pack_length = pack_length
-        self.skip_keys = skip_keys or set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> TrainBatch:
         ids, labels, images, sample_ids, rejected = [], [], [], [], []
-        skipped = 0
         for i, rid in enumerate(batch["id"]):
             rid = str(rid)
-            if self.skip_keys and record_key(rid) in self.skip_keys:
-                skipped += 1
-                continue
             if batch["reject_reason"][i]:
                 rejected.append((rid, str(batch["reject_reason"][i]), str(batch["reject_detail"][i])))
                 continue
@@ -109,5 +127,4 @@ class PackingCollate(NumpyBatchCollateFn):
         out = layout_batch(ids, labels, images, self.pad_id, self.mode, self.pack_length, image_shape)
         out.sample_ids = sample_ids
         out.rejected = rejected
-        out.skipped = skipped
         return out

@@ -24,6 +24,8 @@ from vistralv_ray.training.scaling import lr_plan
 log = get_logger(__name__)
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "RAY_TRAIN_V2_ENABLED": "1"}
+# Rank 0 writes the keys of the records a resumed epoch already trained on here (see build_datasets).
+RESUME_SKIP_FILE = "resume_skip_keys.npy"
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -49,7 +51,7 @@ def ensure_ray(cfg: Config) -> None:
     s, d = cfg.scaling, cfg.data
     needed = s.workers * s.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus_per_actor + 1 + 2 * d.read_cpus
     cpus = max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=True, log_to_driver=True)
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
@@ -128,13 +130,14 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         log.info("finetune starts from the projector in %s", uri)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_projector_from=uri))
     use_gpu = resolve_use_gpu(cfg)
-    datasets, counts = build_datasets(cfg)
+    storage_path, storage_fs, local_run_dir = storage_location(cfg)
+    run_uri = storage.join(cfg.run.storage if storage.is_s3(cfg.run.storage) else storage_path, cfg.run_name)
+    resume_skip_uri = storage.join(run_uri, RESUME_SKIP_FILE)
+    datasets, counts = build_datasets(cfg, resume_skip_uri)
     per_epoch, total = planned_steps(cfg, counts["train"])
     lr = lr_plan(cfg)
     log.info("learning rate: %s", lr.arithmetic())
     log.info("data: %s records; %d steps per epoch, %d steps planned", counts, per_epoch, total)
-    storage_path, storage_fs, local_run_dir = storage_location(cfg)
-    run_uri = storage.join(cfg.run.storage if storage.is_s3(cfg.run.storage) else storage_path, cfg.run_name)
     write_run_files(
         cfg,
         run_uri,
@@ -149,6 +152,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         "projector_lr": lr.projector_lr,
         "lr_plan": lr.to_dict(),
         "datasets": sorted(datasets),
+        "resume_skip_uri": resume_skip_uri,
         "run_name": cfg.run_name,
         "run_dir_local": str(local_run_dir) if local_run_dir else None,
         "wandb_dir": str(wandb_dir),

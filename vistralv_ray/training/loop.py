@@ -113,15 +113,15 @@ class Worker:
         return state
 
     # ---- data --------------------------------------------------------------------------------
-    def batches(self, name: str, epoch: int, skip_keys: set[int]):
+    def batches(self, name: str, epoch: int):
         import ray.train
 
         from vistralv_ray.data.preprocess import PackingCollate
 
         d = self.cfg.data
         pack_length = d.pack_length  # None: one packed row per micro-batch
-        collate = PackingCollate(self.tokenizer.pad_token_id, d.batching, pack_length, skip_keys)
-        shuffle = d.shuffle and name == "train"
+        collate = PackingCollate(self.tokenizer.pad_token_id, d.batching, pack_length)
+        shuffle = d.shuffle and name.startswith("train")
         return ray.train.get_dataset_shard(name).iter_torch_batches(
             batch_size=d.per_device_batch,
             collate_fn=collate,
@@ -129,6 +129,20 @@ class Worker:
             local_shuffle_buffer_size=4 * d.per_device_batch if shuffle else None,
             local_shuffle_seed=self.cfg.train.seed + epoch if shuffle else None,
         )
+
+    def train_dataset_for(self, state: TrainerState) -> str:
+        """`train`, or in an epoch resumed from a checkpoint `train_resume`: the data without the
+        records this epoch already trained on (rank 0 hands their keys to the preprocessing actors)."""
+        if not state.seen_keys:
+            return "train"
+        if self.rank == 0:
+            from vistralv_ray.data.preprocess import save_keys
+
+            save_keys(self.plan["resume_skip_uri"], state.seen_keys)
+        # Every rank restored the same checkpoint, so all take this branch; Ray Train builds the
+        # split (and the pipeline starts) only once rank 0, which wrote the file, has asked for it.
+        log.info("epoch %d resumes: %d records already trained on are left out", state.epoch, len(state.seen_keys))
+        return "train_resume"
 
     def next_batch(self, iterator, timer) -> TrainBatch | None:
         """The next batch with at least one usable sample; counts rejected records on the way."""
@@ -154,17 +168,20 @@ class Worker:
     def run(self) -> dict | None:
         from vistralv_ray.training.metrics import DashboardMetrics, StepTimer
 
+        started = time.perf_counter()
         self.build()
+        built = time.perf_counter()
         state = self.restore()
+        restored = time.perf_counter()
         total, accum = self.plan["total_steps"], self.cfg.train.grad_accum
         self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
         self.wandb = self.start_wandb() if self.rank == 0 else None
         timer = StepTimer()
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
+        first_step = self.rank == 0
         self.engine.train()
         while state.step < total:
-            skip = frozenset(state.seen_keys)  # records trained on before a resume, in this epoch
-            iterator = iter(self.batches("train", state.epoch, skip))
+            iterator = iter(self.batches(self.train_dataset_for(state), state.epoch))
             while state.step < total:
                 micro = []
                 while len(micro) < accum:
@@ -178,6 +195,14 @@ class Worker:
                 agreed_have, global_targets, global_samples = self.all_sum([have, targets, float(samples)])
                 if agreed_have < self.world:
                     break  # some rank ran out of data: the epoch ends for everyone
+                if first_step:
+                    first_step = False
+                    log.info(
+                        "startup: model + DeepSpeed %.1f s, restore %.1f s, first batch %.1f s",
+                        built - started,
+                        restored - built,
+                        time.perf_counter() - restored,
+                    )
                 loss = self.optimizer_step(micro, global_targets)
                 state.step += 1
                 self.maybe_inject_fault(state.step)
@@ -241,7 +266,7 @@ class Worker:
         from vistralv_ray.training.step import summed_token_loss
 
         self.engine.eval()
-        iterator = iter(self.batches("eval", 0, set()))
+        iterator = iter(self.batches("eval", 0))
         loss_sum, targets = 0.0, 0.0
         timer = StepTimer()
         while True:
@@ -361,7 +386,7 @@ class Worker:
         from vistralv_ray.training.step import model_kwargs
 
         name = "eval" if "eval" in self.plan["datasets"] else "train"
-        batch = next(iter(self.batches(name, 0, set())), None) or _dummy_batch(self.tokenizer.pad_token_id)
+        batch = next(iter(self.batches(name, 0)), None) or _dummy_batch(self.tokenizer.pad_token_id)
         self.engine.eval()
         # Every rank runs its forward (ZeRO-3 gathers parameters collectively); rank 0 keeps its own.
         logits = self.engine(**model_kwargs(batch.to(self.device), self.dtype)).logits.float().cpu()
