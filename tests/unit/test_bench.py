@@ -67,7 +67,7 @@ def test_summarise_takes_the_median_of_per_step_times():
 
 
 def test_plain_loop_trains_the_same_batches(tiny_assets, demo_corpus, tmp_path):
-    from vistralv_ray.bench.train import bench_config, plain_batches, run_plain
+    from vistralv_ray.bench.train import bench_config, plain_batches, run_deepspeed_in_process, run_plain
     from vistralv_ray.data.prepare import PrepareOptions, prepare
 
     prepare(
@@ -90,6 +90,8 @@ def test_plain_loop_trains_the_same_batches(tiny_assets, demo_corpus, tmp_path):
     assert len({id_ for b in batches for id_ in b.sample_ids}) == 12
     out = run_plain(cfg, opts)
     assert out["measured_steps"] == 2 and out["windows"] == 2 and out["tokens_per_s"] > 0
+    engine = run_deepspeed_in_process(cfg, opts, batches)
+    assert engine["measured_steps"] == 2 and engine["samples_per_s"] > 0
 
 
 def test_bench_data_json_has_the_expected_keys(capsys):
@@ -99,7 +101,22 @@ def test_bench_data_json_has_the_expected_keys(capsys):
     argv = ["bench", "data", "--json", "--images", "4", "--length-records", "200", "--memory-records", "0"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"machine", "options", "images", "packing", "memory"}
+    headline = {
+        "ours_samples_per_s_per_core",
+        "reference_samples_per_s_per_core",
+        "speedup",
+        "nonpad_fraction",
+        "reference_nonpad_fraction",
+        "peak_rss_mb_1x",
+        "peak_rss_mb_10x",
+    }
+    assert set(result) == headline | {"machine", "options", "images", "packing", "memory"}
+    assert result["speedup"] == pytest.approx(
+        result["ours_samples_per_s_per_core"] / result["reference_samples_per_s_per_core"]
+    )
+    assert result["nonpad_fraction"] == result["packing"]["nonpad_fraction"]["pack"] > 0.97
+    assert result["reference_nonpad_fraction"] == result["packing"]["nonpad_fraction"]["group"]
+    assert result["peak_rss_mb_1x"] is None and result["peak_rss_mb_10x"] is None  # memory runs skipped
     assert set(result["images"]["methods"]) == {"ours_uint8", "ours_then_normalise_float32", "hf_siglip_pil"}
     for m in result["images"]["methods"].values():
         assert {"samples_per_s_per_core", "samples_per_s_wall", "bytes_per_sample", "dtype", "shape"} <= set(m)
@@ -121,10 +138,13 @@ def test_train_report_table():
         "model": "tiny",
         "ours": {**loop, "median_step_s": 0.13, "data_wait_fraction": 0.01},
         "plain_pytorch": loop,
+        "deepspeed_in_process": {**loop, "median_step_s": 0.102},
         "overhead_ratio": 1.3,
+        "deepspeed_overhead_ratio": 1.02,
     }
     text = format_train(result)
     assert "overhead ratio (ours / plain median step): 1.30" in text and "130.0" in text
+    assert "DeepSpeed engine alone / plain: 1.02" in text and "102.0" in text
 
 
 def test_memory_sampler_sees_the_process_tree_and_shards_replicate(tmp_path):

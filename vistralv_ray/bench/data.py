@@ -235,4 +235,22 @@ def run_data_bench(opts: DataBenchOptions) -> dict:
             opts.object_store_mb,
             opts.seed,
         )
-    return {"machine": machine(), "options": asdict(opts), "images": images, "packing": packing, "memory": memory}
+    fractions = packing["nonpad_fraction"]
+    runs = memory["runs"] if memory else [None, None]
+    # The headline figures (ours against the LLaVA-style reference), then the details they come from.
+    return {
+        "ours_samples_per_s_per_core": ours["samples_per_s_per_core"],
+        "reference_samples_per_s_per_core": hf["samples_per_s_per_core"],
+        "speedup": images["speedup_per_core_vs_hf"],
+        "nonpad_fraction": fractions["pack"],
+        "reference_nonpad_fraction": fractions["group"],
+        # Peak PSS summed over the process tree (RSS would count shared pages, the object store's
+        # among them, once per process); null when the memory runs were skipped.
+        "peak_rss_mb_1x": runs[0]["peak_pss_mb"] if runs[0] else None,
+        "peak_rss_mb_10x": runs[1]["peak_pss_mb"] if runs[1] else None,
+        "machine": machine(),
+        "options": asdict(opts),
+        "images": images,
+        "packing": packing,
+        "memory": memory,
+    }

@@ -148,46 +148,104 @@ def plain_batches(cfg: Config, count: int) -> list:
     return [collate(pre({k: v[i * b : (i + 1) * b] for k, v in rows.items()})) for i in range(count)]
 
 
-def run_plain(cfg: Config, opts: TrainBenchOptions) -> dict:
-    """Same model, optimizer, clipping and batches; torch only. Timed per window like ours."""
+def _fresh_model_and_optimizer(cfg: Config):
     from vistralv_ray.model.assembly import apply_stage, build_model
     from vistralv_ray.training.optim import build_param_groups
-    from vistralv_ray.training.step import summed_token_loss
     from vistralv_ray.training.strategy import build_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    model = apply_stage(build_model(cfg.model).model, cfg.train.stage, cfg.model.lora)
+    groups = build_param_groups(model, cfg.train.base_lr, cfg.train.base_lr, cfg.train.weight_decay)
+    for g in groups:
+        g.pop("param_names")
+    return model, build_optimizer(groups, cfg, on_gpu=False)
+
+
+def _timed_windows(step, batches: list, opts: TrainBenchOptions) -> dict:
+    """Run `step(batch)` over the batches, timed per logging window like our loop reports."""
+    seconds, steps, samples, tokens = [], [], [], []
+    for start in range(0, len(batches), opts.window):
+        window = batches[start : start + opts.window]
+        began = time.perf_counter()
+        for batch in window:
+            step(batch)
+        if start + len(window) <= opts.warmup_steps:
+            continue
+        seconds.append(time.perf_counter() - began)
+        steps.append(len(window))
+        samples.append(sum(b.num_samples for b in window))
+        tokens.append(sum(b.num_tokens for b in window))
+    return summarise(seconds, steps, samples, tokens)
+
+
+def run_plain(cfg: Config, opts: TrainBenchOptions, batches: list | None = None) -> dict:
+    """Same model, optimizer, clipping and batches; torch only. Timed per window like ours."""
+    from vistralv_ray.training.step import summed_token_loss
 
     threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     try:
-        torch.manual_seed(cfg.train.seed)
-        total = opts.warmup_steps + opts.steps
-        batches = plain_batches(cfg, total)
-        model = apply_stage(build_model(cfg.model).model, cfg.train.stage, cfg.model.lora)
-        groups = build_param_groups(model, cfg.train.base_lr, cfg.train.base_lr, cfg.train.weight_decay)
-        for g in groups:
-            g.pop("param_names")
-        optimizer = build_optimizer(groups, cfg, on_gpu=False)
+        batches = batches or plain_batches(cfg, opts.warmup_steps + opts.steps)
+        model, optimizer = _fresh_model_and_optimizer(cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
         model.train()
-        seconds, steps, samples, tokens = [], [], [], []
-        for start in range(0, total, opts.window):
-            window = batches[start : start + opts.window]
-            began = time.perf_counter()
-            for batch in window:
-                loss = summed_token_loss(model, batch, torch.float32) / max(batch.num_target_tokens, 1)
-                loss.backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if start + len(window) <= opts.warmup_steps:
-                continue
-            seconds.append(time.perf_counter() - began)
-            steps.append(len(window))
-            samples.append(sum(b.num_samples for b in window))
-            tokens.append(sum(b.num_tokens for b in window))
-        return summarise(seconds, steps, samples, tokens)
+
+        def step(batch):
+            loss = summed_token_loss(model, batch, torch.float32) / max(batch.num_target_tokens, 1)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return _timed_windows(step, batches, opts)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_deepspeed_in_process(cfg: Config, opts: TrainBenchOptions, batches: list) -> dict:
+    """The DeepSpeed engine of our worker (same config: ZeRO stage, clipping) on the in-memory
+    batches, in this process without Ray: what DeepSpeed alone adds to the plain loop."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from vistralv_ray.training.step import summed_token_loss
+    from vistralv_ray.training.strategy import build_deepspeed_config
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    started_group = not dist.is_initialized()
+    if started_group:
+        import socket
+
+        with socket.socket() as sock:  # a free port for the one-process gloo group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        os.environ.update(env)
+        deepspeed.init_distributed("gloo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    try:
+        model, optimizer = _fresh_model_and_optimizer(cfg)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=build_deepspeed_config(cfg, 1, on_gpu=False),
+            dist_init_required=False,
+        )
+        engine.train()
+
+        def step(batch):
+            loss = summed_token_loss(engine, batch, torch.float32) / max(batch.num_target_tokens, 1)
+            engine.backward(loss)
+            engine.step()
+            float(loss.detach())  # our loop reads the loss every step
+
+        return _timed_windows(step, batches, opts)
+    finally:
+        torch.set_num_threads(threads)
+        if started_group:
+            dist.destroy_process_group()
 
 
 def run_train_bench(opts: TrainBenchOptions) -> dict:
@@ -220,13 +278,17 @@ def run_train_bench(opts: TrainBenchOptions) -> dict:
         finally:
             if started_ray:
                 ray.shutdown()  # the plain loop runs without a Ray cluster beside it
-        log.info("plain PyTorch: the same %d steps", total)
-        plain = run_plain(cfg, opts)
+        log.info("plain PyTorch and the DeepSpeed engine alone: the same %d steps, batches in memory", total)
+        batches = plain_batches(cfg, total)
+        plain = run_plain(cfg, opts, batches)
+        engine_only = run_deepspeed_in_process(cfg, opts, batches)
     return {
         "machine": machine(),
         "options": asdict(opts),
         "model": "tiny preset (Mistral 4 layers x 128 + SigLIP 2 layers x 64, 16 image tokens), fp32 on CPU",
         "ours": ours,
         "plain_pytorch": plain,
+        "deepspeed_in_process": engine_only,
         "overhead_ratio": ours["median_step_s"] / plain["median_step_s"],
+        "deepspeed_overhead_ratio": engine_only["median_step_s"] / plain["median_step_s"],
     }
