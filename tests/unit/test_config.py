@@ -81,3 +81,14 @@ def test_value_from_json_file(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does-not-exist.yaml"):
         load_config(tmp_path / "does-not-exist.yaml")
+
+
+def test_unquoted_off_is_the_word_off_in_yaml_and_overrides(tmp_path):
+    # YAML 1.1 reads `off` as false: for a field of words it still means "off".
+    path = tmp_path / "run.yaml"
+    path.write_text("run:\n  wandb: off\n")
+    assert load_config(path).run.wandb == "off"
+    assert config_from_dict({}, ["run.wandb=off"]).run.wandb == "off"
+    assert config_from_dict({}, ["run.wandb=offline"]).run.wandb == "offline"
+    with pytest.raises(ConfigError, match="run.wandb: True is not allowed"):
+        config_from_dict({}, ["run.wandb=on"])  # no "on" among the allowed words

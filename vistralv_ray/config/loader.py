@@ -52,6 +52,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             # `True == 1` in Python: compare types too so `1` is not taken for `True`.
             if value == a and type(value) is type(a):
                 return a
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted off/on/no/yes as a boolean: `wandb: off` means "off".
+            for word in _YAML_BOOL_WORDS[value]:
+                if word in allowed:
+                    return word
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
     if origin in (Union, types.UnionType):
         errors = []
@@ -125,6 +130,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {part} is not a section")
     node[parts[-1]] = value
+
+
+_YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
