@@ -152,6 +152,22 @@ def test_native_template_masks_by_prefixes(tokenizer):
         ([{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}], False, "too_many_image_tags"),
         ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "   "}], False, "empty_text"),
         ([{"from": "robot", "value": "q"}], False, "malformed_record"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}], True, "malformed_record"),
+        (
+            [{"from": "system", "value": "<image>"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            True,
+            "malformed_record",
+        ),
+        (
+            [
+                {"from": "human", "value": "<image> q"},
+                {"from": "gpt", "value": "a"},
+                {"from": "human", "value": "<image>"},
+                {"from": "gpt", "value": "b"},
+            ],
+            True,
+            "too_many_image_tags",
+        ),
     ],
 )
 def test_bad_conversations_are_rejected_with_reason(turns, has_image, reason):
@@ -168,3 +184,15 @@ def test_too_long_after_image_expansion(tokenizer):
     assert err.value.reason == "too_long"
     text_only = encoder_for(tokenizer, "vistral", max_length=60 + IMAGE_TOKENS * 8)
     assert text_only.encode(messages).input_ids.size <= 60 + IMAGE_TOKENS * 8
+
+
+def test_image_tag_in_a_later_turn_moves_to_the_front_once(tokenizer):
+    # One image, its tag in the second question: one block of image tokens, before the first question.
+    enc = encoder_for(tokenizer, "vistral", system="S")
+    turns = [dict(t) for t in TWO_TURNS]
+    turns[0] = {"from": "human", "value": "Hình này màu gì?"}
+    turns[2] = {"from": "human", "value": "Có mấy hình? <image>"}
+    messages = normalize_messages(turns, has_image=True)
+    assert messages[0]["content"] == "<image>\nHình này màu gì?" and messages[2]["content"] == "Có mấy hình?"
+    expected = enc.encode(normalize_messages(TWO_TURNS, has_image=True))
+    np.testing.assert_array_equal(enc.encode(messages).input_ids, expected.input_ids)

@@ -36,6 +36,7 @@ def messy_source(tmp_path):
     save(rgba, root / "rgba.png", "PNG")
     save(red.convert("P", palette=Image.Palette.ADAPTIVE), root / "palette.gif", "GIF")
     save(red.convert("CMYK"), root / "cmyk.jpg")
+    save(red.convert("CMYK"), root / "cmyk.tif", "TIFF")  # PNG holds no CMYK: re-encoded as RGB
     # EXIF orientation 6 (rotate 90 CW to display): stored 40x30, shown 30x40.
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -56,6 +57,7 @@ def messy_source(tmp_path):
         {"id": "rgba", "image": "rgba.png", "conversations": qa()},
         {"id": "palette", "image": "palette.gif", "conversations": qa()},
         {"id": "cmyk", "image": "cmyk.jpg", "conversations": qa()},
+        {"id": "cmyk-tiff", "image": "cmyk.tif", "conversations": qa()},
         {"id": "rotated", "image": "rotated.jpg", "conversations": qa()},
         {"id": "missing", "image": "nope.jpg", "conversations": qa()},
         {"id": "corrupt", "image": "corrupt.jpg", "conversations": qa()},
@@ -66,6 +68,7 @@ def messy_source(tmp_path):
         {"id": "no-answer", "image": "good.jpg", "conversations": qa()[:1]},
         {"id": "order", "image": "good.jpg", "conversations": list(reversed(qa()))},
         {"id": "two-tags", "image": "good.jpg", "conversations": qa("<image> và <image>")},
+        {"id": "tag-in-answer", "image": "good.jpg", "conversations": qa("Màu gì?", "<image> Màu đỏ.")},
         {"id": "empty", "image": "good.jpg", "conversations": qa(answer="  ")},
         {"id": "long", "image": "good.jpg", "conversations": qa(answer="rất dài " * 80)},
         "not a record",
@@ -85,7 +88,7 @@ EXPECTED_REJECTS = {
     "too_many_image_tags": 1,
     "empty_text": 1,
     "too_long": 1,
-    "malformed_record": 1,
+    "malformed_record": 2,
 }
 
 
@@ -105,21 +108,22 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_mod
     src, root = messy_source
     tiny_model_config.max_length = 120
     manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
-    assert manifest["records_in"] == 19
+    assert manifest["records_in"] == 21
     assert manifest["rejected"] == EXPECTED_REJECTS
-    assert manifest["records_out"] == 7
+    assert manifest["records_out"] == 8
     rejected = [json.loads(line) for line in (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()]
     assert len(rejected) == sum(EXPECTED_REJECTS.values())
     by_id = {r["id"]: r["reason"] for r in rejected}
     assert by_id["escape"] == by_id["absolute"] == "image_outside_root"
     assert (
-        by_id["bomb"] == "decompression_bomb" and by_id["long"] == "too_long" and by_id["row-18"] == "malformed_record"
+        by_id["bomb"] == "decompression_bomb" and by_id["long"] == "too_long" and by_id["row-20"] == "malformed_record"
     )
     kept = [pq.read_table(tmp_path / "shards" / s["name"]) for s in manifest["shards"]]
     ids = sorted(i for t in kept for i in t.column("id").to_pylist())
-    assert ids == sorted(["good", "text-only", "gray", "rgba", "palette", "cmyk", "rotated"])
+    assert ids == sorted(["good", "text-only", "gray", "rgba", "palette", "cmyk", "cmyk-tiff", "rotated"])
+    assert by_id["tag-in-answer"] == "malformed_record"
     assert set(ids) | set(by_id) == {
-        r.get("id", "row-18") if isinstance(r, dict) else "row-18" for r in json.loads(src.read_text())
+        r.get("id", "row-20") if isinstance(r, dict) else "row-20" for r in json.loads(src.read_text())
     }
 
 
@@ -132,8 +136,9 @@ def test_odd_images_are_converted_correctly(tmp_path, messy_source, tiny_model_c
             rows[row["id"]] = row
     assert rows["text-only"]["image"] is None
     assert Image.open(io.BytesIO(rows["palette"]["image"])).format == "PNG"  # GIF re-encoded
+    assert Image.open(io.BytesIO(rows["cmyk-tiff"]["image"])).mode == "RGB"  # CMYK TIFF -> RGB PNG
     assert rows["good"]["image"] == (root / "good.jpg").read_bytes()  # JPEG kept byte for byte
-    for rid in ("good", "rgba", "palette", "cmyk"):
+    for rid in ("good", "rgba", "palette", "cmyk", "cmyk-tiff"):
         px = decode_to_pixels(rows[rid]["image"], 16, "resize").astype(int)
         assert px.shape == (16, 16, 3)
         assert abs(px[8, 8] - [220, 20, 20]).max() < 40, (rid, px[8, 8])
@@ -216,8 +221,38 @@ def test_vista_and_caption_formats(tmp_path, tiny_model_config):
         progress=False,
     )
     assert (m["records_out"], m["rejected"]) == (1, {"no_assistant_turn": 1})
+    hf_rows = pa.Table.from_pylist(
+        [
+            {  # HF datasets' image column: the bytes travel in the row
+                "id": "v3",
+                "image": {"bytes": (root / "a.jpg").read_bytes(), "path": "coco/000.jpg"},
+                "conversation": [{"role": "user", "content": "Màu gì?"}, {"role": "assistant", "content": "Xanh."}],
+            },
+            {
+                "id": "v4",
+                "image": {"bytes": None, "path": "a.jpg"},
+                "conversation": [{"role": "user", "content": "Màu gì?"}, {"role": "assistant", "content": "Xanh."}],
+            },
+        ]
+    )
+    pq.write_table(hf_rows, tmp_path / "vista-hf.parquet")
+    m = prepare(
+        tmp_path / "vista-hf.parquet",
+        PrepareOptions(str(root), str(tmp_path / "v-hf"), fmt="vista"),
+        parallel=False,
+        progress=False,
+    )
+    assert (m["records_out"], m["rejected"]) == (2, {})
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "v-hf" / "part-00000.parquet").to_pylist()}
+    assert rows["v3"]["image"] == rows["v4"]["image"] == (root / "a.jpg").read_bytes()
+    assert rows["v3"]["image_name"] == "coco/000.jpg" and rows["v4"]["image_name"] == "a.jpg"
     (tmp_path / "caps.jsonl").write_text(
-        json.dumps({"image": "a.jpg", "caption": "Một bức ảnh màu xanh lá."}, ensure_ascii=False) + "\n{broken\n"
+        json.dumps({"image": "a.jpg", "caption": "Một bức ảnh màu xanh lá."}, ensure_ascii=False)
+        + "\n{broken\n"
+        + json.dumps({"id": "no-image", "caption": "Ảnh."})
+        + "\n"
+        + json.dumps({"id": "two-images", "image": ["a.jpg", "a.jpg"], "caption": "Ảnh."})
+        + "\n"
     )
     m = prepare(
         tmp_path / "caps.jsonl",
@@ -225,7 +260,9 @@ def test_vista_and_caption_formats(tmp_path, tiny_model_config):
         parallel=False,
         progress=False,
     )
-    assert (m["records_out"], m["rejected"]) == (1, {"malformed_record": 1})
+    assert (m["records_out"], m["rejected"]) == (1, {"malformed_record": 2, "missing_image": 1})
+    reasons = {r["id"]: r for r in map(json.loads, (tmp_path / "c" / "rejected.jsonl").read_text().splitlines())}
+    assert reasons["no-image"]["reason"] == "missing_image" and "two-images" in reasons
     row = pq.read_table(tmp_path / "c" / "part-00000.parquet").to_pylist()[0]
     assert row["messages"][0]["content"].startswith("<image>\n")
     assert row["messages"][1] == {"role": "assistant", "content": "Một bức ảnh màu xanh lá."}

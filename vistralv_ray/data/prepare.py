@@ -93,12 +93,12 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
     rid = record["id"]
     try:
         if "error" in record:
-            raise RecordError("malformed_record", record["error"])
+            raise RecordError(record.get("reason", "malformed_record"), record["error"])
         name = record.get("image")
         messages = normalize_messages(record["turns"], has_image=name is not None)
         image = None
         if name is not None:
-            data = read_image(opts.image_root, name)
+            data = record.get("image_bytes") or read_image(opts.image_root, name)
             fmt, _, _ = verify_image(data, opts.max_pixels)
             image = normalise_encoding(data, fmt)
         if encoder is not None:

@@ -1,9 +1,11 @@
-"""Source formats -> one record shape: `{"id", "image" (relative path or None), "turns"}`.
+"""Source formats -> one record shape: `{"id", "image" (relative path or None), "turns"}`, plus
+`image_bytes` where the source embeds the image itself (HF datasets' `{"bytes", "path"}`).
 
 Formats: `llava` (LLaVA JSON or JSON lines), `vista` (Vista-style Parquet / JSON lines rows with a
 conversation list and an image file name), `captions` (image + caption pairs, WIT / ShareGPT4V
 style, turned into one-turn "describe the image" conversations). Reading never drops a record: a
-row that cannot be understood becomes a record with an `error` that `prepare` rejects and counts.
+row that cannot be understood becomes a record with an `error` (and a `reason`, `malformed_record`
+unless said) that `prepare` rejects and counts.
 """
 
 from __future__ import annotations
@@ -60,22 +62,38 @@ def _record_id(row: object, index: int) -> str:
     return f"row-{index}"
 
 
-def _image_name(row: dict) -> str | None:
+def _image_fields(row: dict, rid: str) -> dict:
+    """`image` (a name under the image root), `image_bytes` (embedded), or an `error` for a record
+    with several images (one image per record is what the model takes)."""
     image = _first(row, _IMAGE_KEYS)
+    if isinstance(image, list):
+        if len(image) > 1:
+            return {"id": rid, "error": f"{len(image)} images in one record; one image per record is supported"}
+        image = image[0] if image else None
     if isinstance(image, dict):  # HF datasets store images as {"path": ..., "bytes": ...}
+        data = image.get("bytes")
+        if data:
+            return {"image": str(image.get("path") or f"{rid}.embedded"), "image_bytes": bytes(data)}
         image = image.get("path")
-    return None if image in (None, "") else str(image)
+    if isinstance(image, (bytes, bytearray)):
+        return {"image": f"{rid}.embedded", "image_bytes": bytes(image)}
+    return {"image": None if image in (None, "") else str(image)}
 
 
 def _caption_record(row: dict, rid: str) -> dict:
     caption = _first(row, _CAPTION_KEYS)
     if not isinstance(caption, str):
         return {"id": rid, "error": "no caption field (one of: " + ", ".join(_CAPTION_KEYS) + ")"}
+    image = _image_fields(row, rid)
+    if "error" in image:
+        return image
+    if image["image"] is None:
+        return {"id": rid, "error": f"no image field (one of: {', '.join(_IMAGE_KEYS)})", "reason": "missing_image"}
     # A stable, varied instruction per record: the same input always gives the same shards.
     instruction = DESCRIBE_INSTRUCTIONS[zlib.crc32(rid.encode()) % len(DESCRIBE_INSTRUCTIONS)]
     return {
         "id": rid,
-        "image": _image_name(row),
+        **image,
         "turns": [{"role": "user", "content": f"<image>\n{instruction}"}, {"role": "assistant", "content": caption}],
     }
 
@@ -105,4 +123,5 @@ def read_records(path: str | Path, fmt: str) -> Iterator[dict]:
             if not isinstance(turns, list):
                 yield {"id": rid, "error": "no conversation list (one of: " + ", ".join(_CONVERSATION_KEYS) + ")"}
                 continue
-            yield {"id": rid, "image": _image_name(row), "turns": turns}
+            image = _image_fields(row, rid)
+            yield {"id": rid, **image, "turns": turns} if "error" not in image else image

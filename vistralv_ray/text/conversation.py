@@ -62,14 +62,19 @@ def normalize_messages(turns: list[dict], has_image: bool) -> list[dict]:
     n_images = 1 if has_image else 0
     if tags > n_images:
         raise RecordError("too_many_image_tags", f"{tags} <image> tags for {n_images} image(s)")
+    for i, msg in enumerate(messages):
+        if IMAGE_TOKEN in msg["content"] and msg["role"] != "user":
+            raise RecordError("malformed_record", f"turn {i} ({msg['role']}) holds an {IMAGE_TOKEN} tag")
     for i, msg in enumerate(body):
         if not msg["content"].replace(IMAGE_TOKEN, "").strip():
             raise RecordError("empty_text", f"turn {i} ({msg['role']}) has no text")
 
-    first_user = body[0]
     if has_image:
-        question = first_user["content"].replace(IMAGE_TOKEN, "").strip()
-        first_user["content"] = f"{IMAGE_TOKEN}\n{question}"
+        # Wherever the question put it (after the text, in a later turn), the image goes first.
+        for msg in body:
+            if IMAGE_TOKEN in msg["content"]:
+                msg["content"] = msg["content"].replace(IMAGE_TOKEN, "").strip()
+        body[0]["content"] = f"{IMAGE_TOKEN}\n{body[0]['content'].strip()}"
     head = [messages[0]] if messages[0]["role"] == "system" else []
     return head + body
 
