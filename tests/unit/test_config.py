@@ -51,6 +51,9 @@ def test_overrides_parse_yaml_values():
         ({}, ["model.lora.enabled=true"], "model.lora.enabled", "finetune"),
         ({}, ["model.aspect=stretch"], "model.aspect", "'resize', 'pad'"),
         ({"data": {"train": "x.parquet"}}, [], "data.train", "list"),
+        ({}, ["data.pack_length=512"], "data.pack_length", "allowed: null or >= 2048"),
+        ({}, ["data.batching=group"], "data.batching", "'pack', 'pad'"),
+        ({}, ["model.projector=linear"], "model.projector", "'mlp2x_gelu'"),
     ],
 )
 def test_errors_name_the_key(data, overrides, key, hint):

@@ -211,7 +211,11 @@ def validate(cfg: Config) -> None:
         "LoRA adapts the language model, which align keeps frozen; allowed only with train.stage=finetune",
     )
     _require(d.per_device_batch >= 1, "data.per_device_batch", f"{d.per_device_batch}; allowed: >= 1")
-    _require(d.pack_length is None or d.pack_length >= 16, "data.pack_length", "allowed: null or >= 16")
+    _require(
+        d.pack_length is None or d.pack_length >= m.max_length,
+        "data.pack_length",
+        f"{d.pack_length} cannot hold a sample of model.max_length {m.max_length}; allowed: null or >= {m.max_length}",
+    )
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
     _require(d.preprocess_actors >= 1, "data.preprocess_actors", "allowed: >= 1")
     _require(d.preprocess_cpus_per_actor > 0, "data.preprocess_cpus_per_actor", "must be > 0")

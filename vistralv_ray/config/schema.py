@@ -36,7 +36,8 @@ class LoraSettings:
 class ModelConfig:
     language_model: str = VISTRAL_LM
     vision_tower: str = SIGLIP_TOWER
-    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    # LLaVA-1.5's Linear-GELU-Linear: what transformers' Llava projector is, so exports load anywhere.
+    projector: Literal["mlp2x_gelu"] = "mlp2x_gelu"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["full", "default"] = "full"
     # None: take the vision tower's own image size.
@@ -58,9 +59,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     per_device_batch: int = 8
-    # pack: several samples per row with per-sample attention; group: length-grouped padded batches.
-    batching: Literal["pack", "group", "pad"] = "pack"
-    # Token budget of one packed row; None: model.max_length.
+    # pack: several samples per row, attention confined to each; pad: one sample per row, padded.
+    batching: Literal["pack", "pad"] = "pack"
+    # Token budget of one packed row (>= model.max_length); None: the whole micro-batch in one row.
     pack_length: int | None = None
     shuffle: bool = True
     # Images above this many pixels are rejected as decompression bombs.
@@ -128,6 +129,8 @@ class RunSettings:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "vistralv-ray"
     wandb_group: str | None = None
+    # A step progress bar from rank 0, drawn by the driver (the console of `train` or `ray job submit`).
+    progress_bar: bool = True
 
 
 @dataclass
