@@ -139,3 +139,34 @@ def test_plan_align_7b_fits_one_80gb_gpu(capsys):
     main(["plan", "jobs/align.yaml", "--workers", "1", "--per-device-batch", "16", "--gpu-memory-gb", "80"])
     out = capsys.readouterr().out
     assert "recommendation: ZeRO-2 fits in 80 GB" in out
+
+
+def test_flops_count_frozen_parts_right(tiny_model_config):
+    """6N per token for a trained LM, 4N for a frozen one (input gradients only), 6N for LoRA
+    adapters, a forward pass (2N per patch) for the frozen vision tower, 6N for the projector."""
+    from vistralv_ray.model.assembly import apply_stage, build_model
+    from vistralv_ray.training.metrics import FlopModel
+
+    def counts(model):
+        inner = model.model
+        embed = inner.language_model.embed_tokens.weight.numel()
+        lm = sum(p.numel() for p in inner.language_model.parameters()) - embed + model.lm_head.weight.numel()
+        vision = sum(p.numel() for p in inner.vision_tower.parameters())
+        projector = sum(p.numel() for p in inner.multi_modal_projector.parameters())
+        return lm, vision, projector, model.config.image_seq_length
+
+    align = FlopModel.of(apply_stage(build_model(tiny_model_config).model, "align", LoraSettings()))
+    full = FlopModel.of(apply_stage(build_model(tiny_model_config).model, "finetune", LoraSettings()))
+    lora_model = apply_stage(build_model(tiny_model_config).model, "finetune", LoraSettings(enabled=True, r=4))
+    lora = FlopModel.of(lora_model)
+    lm, vision, projector, patches = counts(build_model(tiny_model_config).model)
+    adapters = sum(p.numel() for n, p in lora_model.named_parameters() if "lora_" in n)
+    assert adapters > 0
+
+    assert align.step_flops(100, 0, 0) == 4 * lm * 100
+    assert full.step_flops(100, 0, 0) == 6 * lm * 100
+    assert lora.step_flops(100, 0, 0) == 4 * lm * 100 + 6 * adapters * 100
+    assert align.step_flops(0, 0, 2) == 2 * (2 * vision + 6 * projector) * patches
+    text = build_model(tiny_model_config).model.config.text_config
+    # Causal attention: 2 l^2 d per layer forward (QK^T and AV, half the square), x3 with backward.
+    assert full.step_flops(0, 10**2 + 20**2, 0) == 6 * text.num_hidden_layers * text.hidden_size * 500

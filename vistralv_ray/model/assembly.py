@@ -7,6 +7,7 @@ no second random copy of a 7B model is ever initialised. Only the projector is c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,14 +148,23 @@ def llava_of(model: torch.nn.Module) -> LlavaForConditionalGeneration:
 
 
 def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The projector's full weights on the CPU. Under ZeRO-3 they are gathered from every rank
+    first, so every rank must call this (a collective), even if only one of them saves."""
     proj = llava_of(model).model.multi_modal_projector
-    return {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
+    params = list(proj.parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # partitioned by ZeRO-3
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        return {k: v.detach().cpu().clone().contiguous() for k, v in proj.state_dict().items()}
 
 
-def save_projector(model: torch.nn.Module, path: str | Path) -> None:
+def save_projector(model: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file(projector_state(model), str(path))
+    save_file(state if state is not None else projector_state(model), str(path))
 
 
 def resolve_projector_uri(source: str, storage_root: str | None = None) -> str:

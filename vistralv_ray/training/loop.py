@@ -83,6 +83,8 @@ class Worker:
         groups = build_param_groups(model, self.plan["effective_lr"], self.plan["projector_lr"], t.weight_decay)
         for g in groups:
             g.pop("param_names")
+        # The scheduler's LRs come in this order; `lr` is the language model's, `projector_lr` the projector's.
+        self.group_names = [g["name"] for g in groups]
         optimizer = build_optimizer(groups, cfg, self.on_gpu)
         total = self.plan["total_steps"]
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -139,8 +141,10 @@ class Worker:
             from vistralv_ray.data.preprocess import save_keys
 
             save_keys(self.plan["resume_skip_uri"], state.seen_keys)
-        # Every rank restored the same checkpoint, so all take this branch; Ray Train builds the
-        # split (and the pipeline starts) only once rank 0, which wrote the file, has asked for it.
+        # Every rank restored the same checkpoint, so all take this branch. No rank asks for the
+        # split (which starts the pipeline that reads the file) before rank 0 has written it; an
+        # earlier resume's file may still be there.
+        self.all_sum([0.0])
         log.info("epoch %d resumes: %d records already trained on are left out", state.epoch, len(state.seen_keys))
         return "train_resume"
 
@@ -176,6 +180,7 @@ class Worker:
         total, accum = self.plan["total_steps"], self.cfg.train.grad_accum
         self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
         self.wandb = self.start_wandb() if self.rank == 0 else None
+        self.bar = self.start_progress_bar(state.step) if self.rank == 0 else None
         timer = StepTimer()
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
         first_step = self.rank == 0
@@ -205,6 +210,8 @@ class Worker:
                     )
                 loss = self.optimizer_step(micro, global_targets)
                 state.step += 1
+                if self.bar is not None:
+                    self.bar.update(1)
                 self.maybe_inject_fault(state.step)
                 for b in micro:
                     state.seen_keys.update(_keys(b.sample_ids))
@@ -304,14 +311,15 @@ class Worker:
         rejected = dict(
             zip(REJECT_REASONS, self.all_sum([float(self.rejected[r]) for r in REJECT_REASONS]), strict=True)
         )
-        lrs = self.scheduler.get_last_lr()
+        lrs = dict(zip(self.group_names, self.scheduler.get_last_lr(), strict=True))
         peak = peak_flops_per_device(self.on_gpu)
         metrics = {
             "step": state.step,
             "epoch": state.epoch,
             "loss": loss_total / max(steps, 1),
-            "lr": lrs[-1] if len(lrs) else None,
-            "projector_lr": lrs[0] if len(lrs) else None,
+            # align trains the projector only: its LR is the run's LR.
+            "lr": lrs.get("model", lrs.get("model_no_decay", lrs.get("projector"))),
+            "projector_lr": lrs.get("projector", lrs.get("projector_no_decay")),
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
@@ -332,6 +340,8 @@ class Worker:
         self.history.append(metrics)
         if self.rank == 0:
             log.info(_progress_line(metrics, self.plan["total_steps"]))
+            if self.bar is not None:
+                self.bar.set_description(f"{self.plan['run_name']} loss {metrics['loss']:.4f}")
             self.dashboard.record(metrics, int(window["steps"]), int(tokens))
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
@@ -349,14 +359,15 @@ class Worker:
 
     def save_checkpoint(self, directory: Path, state: TrainerState) -> None:
         from vistralv_ray.config import dump_config
-        from vistralv_ray.model.assembly import PROJECTOR_FILE, save_projector
+        from vistralv_ray.model.assembly import PROJECTOR_FILE, projector_state, save_projector
         from vistralv_ray.training.strategy import save_engine
 
         state.tag = f"step-{state.step}"
         save_engine(self.engine, directory / DEEPSPEED_DIR, state.tag)
         state.save(directory, self.rank)
+        projector = projector_state(self.engine.module)  # every rank: ZeRO-3 gathers it
         if self.rank == 0:
-            save_projector(self.engine.module, directory / PROJECTOR_FILE)
+            save_projector(self.engine.module, directory / PROJECTOR_FILE, projector)
             self.tokenizer.save_pretrained(directory / "tokenizer")
             # Self-contained for export: the model recipe and the precision the weights were trained in.
             dump_config(self.cfg, directory / CONFIG_FILE)
@@ -414,7 +425,18 @@ class Worker:
             config={**dataclasses.asdict(self.cfg), "lr_plan": self.plan["lr_plan"]},
         )
 
+    def start_progress_bar(self, done: int):
+        if not self.cfg.run.progress_bar:
+            return None
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(desc=self.plan["run_name"], total=self.plan["total_steps"], unit="step")
+        bar.update(done)  # a resumed run starts where its checkpoint left off
+        return bar
+
     def finish(self, state: TrainerState, metrics: dict) -> dict | None:
+        if self.bar is not None:
+            self.bar.close()
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             self.wandb.finish()

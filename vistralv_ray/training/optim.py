@@ -20,8 +20,9 @@ def build_param_groups(model: torch.nn.Module, lr: float, projector_lr: float, w
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("no trainable parameters: check train.stage and model.lora")
-    if not any(re.search(PROJECTOR_PATTERN, n) for n, _ in named):
-        raise ValueError(f"parameter-group pattern {PROJECTOR_PATTERN!r} matches no trainable parameter")
+    for pattern in (PROJECTOR_PATTERN, NO_DECAY_PATTERN):
+        if not any(re.search(pattern, n) for n, _ in named):
+            raise ValueError(f"parameter-group pattern {pattern!r} matches no trainable parameter")
     buckets: dict[tuple[bool, bool], list] = {}
     for name, param in named:
         key = (bool(re.search(PROJECTOR_PATTERN, name)), bool(re.search(NO_DECAY_PATTERN, name)))
