@@ -139,3 +139,33 @@ def test_ray_data_reads_s3_shards_into_training_batches(s3, s3_corpus, tiny_asse
     assert len(seen) == len(set(seen)) == n - 1
     assert images == n - 1  # every demo train record has an image
     assert datasets["eval"].count() == 20
+
+
+def test_training_run_checkpoints_to_s3_and_exports_from_there(s3, run_config, tmp_path):
+    """run.storage on s3://: Ray Train writes every rank's checkpoint there; export and model
+    loading take the run (and an export) straight from the bucket."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vistralv_ray.inference.export import export
+    from vistralv_ray.inference.models import model_directory
+    from vistralv_ray.training.driver import train
+
+    cfg = run_config(
+        "scaling.workers=1", "train.max_steps=2", "train.checkpoint_every=2", f"run.storage=s3://{BUCKET}/runs"
+    )
+    result = train(cfg)
+    assert result.error is None and result.return_value["steps"] == 2
+    run_keys = keys(s3, "runs/align-test/")
+    assert {"config.yaml", "lr_plan.yaml"} <= run_keys
+    assert "checkpoint-000002/projector.safetensors" in run_keys
+    assert any(k.startswith("checkpoint-000002/deepspeed/") for k in run_keys)
+
+    out = export(f"s3://{BUCKET}/runs/align-test", tmp_path / "export")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), BUCKET, f"exports/tiny/{path.relative_to(out)}")
+    with model_directory(f"s3://{BUCKET}/exports/tiny") as local:
+        from_s3 = LlavaForConditionalGeneration.from_pretrained(str(local)).state_dict()
+    exported = LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    assert from_s3.keys() == exported.keys()
+    assert all(torch.equal(from_s3[k], exported[k]) for k in exported)

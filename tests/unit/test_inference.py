@@ -22,6 +22,9 @@ def test_answer_matching_ignores_case_and_punctuation_but_not_diacritics():
     assert not answer_matches("Màu xanh lá.", "Màu xanh dương.")
     assert not answer_matches("Hai.", "Haiku")  # whole words only
     assert not answer_matches("", "anything")
+    # Old and new tone placement in "oa", "oe", "uy" spell one word; elsewhere the tone is part of it.
+    assert answer_matches("Hòa.", "hoà") and answer_matches("Thuỷ", "Thủy.") and answer_matches("khỏe", "Khoẻ")
+    assert normalize_answer("hoàng") == "hoàng" and not answer_matches("Hòa.", "hóa")
 
 
 def test_questions_of_keeps_earlier_answers_as_history():

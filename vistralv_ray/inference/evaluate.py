@@ -22,17 +22,22 @@ from vistralv_ray.logging import get_logger
 
 log = get_logger(__name__)
 
+SHARD_COLUMNS = ["id", "image", "messages"]
 SHORT_ANSWER_WORDS = 6  # answers up to this long count towards accuracy
 BLANK_COLOUR = (255, 255, 255)
 
 
-def load_eval_records(path: str, image_root: str | None = None) -> tuple[list[dict], dict[str, int]]:
-    """Records {id, image (bytes or None), messages (JSON)} and rejected counts by reason."""
+def is_shards(path: str) -> bool:
     from vistralv_ray.data import storage
 
     p = Path(path).expanduser()
-    if storage.is_s3(path) or p.is_dir() or p.suffix == ".parquet":
-        return _records_from_shards(path), {}
+    return storage.is_s3(path) or p.is_dir() or p.suffix == ".parquet"
+
+
+def load_eval_records(path: str, image_root: str | None = None) -> tuple[list[dict], dict[str, int]]:
+    """Records {id, image (bytes or None), messages (JSON)} of a LLaVA JSON file, and rejected counts
+    by reason. (Shards are not loaded here: Ray Data streams them, see `eval_dataset`.)"""
+    p = Path(path).expanduser()
     from vistralv_ray.data.sources import read_records
     from vistralv_ray.text.conversation import normalize_messages
 
@@ -60,20 +65,33 @@ def _read_image(name: str, roots: list[Path]) -> bytes:
     raise RecordError("missing_image", f"image {name!r} not found under {', '.join(map(str, roots))}")
 
 
-def _records_from_shards(path: str) -> list[dict]:
-    import pyarrow.parquet as pq
+def eval_dataset(data: str, image_root: str | None, batch_size: int, limit: int | None):
+    """(Ray dataset of records, number of records, rejected counts). Shards (local or s3://) stream
+    from `read_parquet` like training data; a LLaVA JSON file is read here, its images included."""
+    import ray.data
 
-    from vistralv_ray.data import storage
+    if is_shards(data):
+        from vistralv_ray.data import storage
+        from vistralv_ray.data.pipeline import count_records, shard_files
 
-    records = []
-    for uri in storage.list_parquet([path]):
-        fs, inner = storage.filesystem_for(uri)
-        table = pq.read_table(inner, filesystem=fs, columns=["id", "image", "messages"])
-        for row in table.to_pylist():
-            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-            messages_json = json.dumps(messages, ensure_ascii=False)
-            records.append({"id": row["id"], "image": row["image"], "messages": messages_json})
-    return records
+        files = shard_files([data])
+        fs, _ = storage.filesystem_for(files[0])
+        ds = ray.data.read_parquet([storage.filesystem_for(f)[1] for f in files], filesystem=fs, columns=SHARD_COLUMNS)
+        total = count_records(files)
+        if limit:
+            ds, total = ds.limit(limit), min(total, limit)
+        return ds, total, {}
+    records, rejected = load_eval_records(data, image_root)
+    records = records[:limit] if limit else records
+    blocks = max(1, math.ceil(len(records) / batch_size))
+    return ray.data.from_items(records, override_num_blocks=blocks) if records else None, len(records), rejected
+
+
+def _messages(value) -> list[dict]:
+    """A record's messages: JSON text (from LLaVA JSON) or the shards' list of {role, content}."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def questions_of(messages: list[dict]) -> list[tuple[list[dict], str, str]]:
@@ -105,7 +123,8 @@ class EvalPredictor:
         self.blank = Image.new("RGB", (64, 64), BLANK_COLOUR)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from vistralv_ray.data.images import open_checked
+        from vistralv_ray.data.images import open_checked, to_rgb
+        from vistralv_ray.text.conversation import normalize_messages
 
         rows: dict[str, list] = {
             k: []
@@ -119,14 +138,26 @@ class EvalPredictor:
                 "loss_sum",
                 "loss_tokens",
                 "has_image",
+                "reject_reason",
             )
         }
-        prompts, images = [], []
-        for rid, image_bytes, messages_json in zip(batch["id"], batch["image"], batch["messages"], strict=True):
-            messages = json.loads(messages_json)
-            image = open_checked(image_bytes).convert("RGB") if image_bytes is not None else None
-            loss_sum, loss_tokens = self.answer_loss(messages, image)
-            for turn, (prompt, question, reference) in enumerate(questions_of(messages)):
+        prompts, images, asked = [], [], []
+        for rid, image_bytes, raw_messages in zip(batch["id"], batch["image"], batch["messages"], strict=True):
+            image, loss_sum, loss_tokens = None, 0.0, 0
+            try:
+                image = to_rgb(open_checked(image_bytes)) if image_bytes is not None else None
+                messages = normalize_messages(_messages(raw_messages), has_image=image is not None)
+                loss_sum, loss_tokens = self.answer_loss(messages, image)
+                record_prompts = [
+                    (turn, question, reference, self.loaded.processor.apply_chat_template(prompt, tokenize=False))
+                    for turn, (prompt, question, reference) in enumerate(questions_of(messages))
+                ]
+            except RecordError as e:  # counted in metrics.json, never a crash of the whole eval
+                log.warning("eval record %r rejected: %s", str(rid), e)
+                image, record_prompts, reason = None, [(-1, "", "", None)], e.reason
+            else:
+                reason = ""
+            for turn, question, reference, prompt in record_prompts:
                 rows["id"].append(str(rid))
                 rows["turn"].append(turn)
                 rows["question"].append(question)
@@ -134,14 +165,19 @@ class EvalPredictor:
                 rows["loss_sum"].append(loss_sum if turn == 0 else 0.0)
                 rows["loss_tokens"].append(loss_tokens if turn == 0 else 0)
                 rows["has_image"].append(image is not None)
-                prompts.append(self.loaded.processor.apply_chat_template(prompt, tokenize=False))
-                images.append(image)
-        rows["prediction"] = self.answer(prompts, images)
-        with_image = [i for i, im in enumerate(images) if im is not None]
-        blank_answers = self.answer([prompts[i] for i in with_image], [self.blank] * len(with_image))
-        rows["blank_prediction"] = [None] * len(prompts)
-        for i, text in zip(with_image, blank_answers, strict=True):
-            rows["blank_prediction"][i] = text
+                rows["reject_reason"].append(reason)
+                if prompt is not None:
+                    asked.append(len(rows["id"]) - 1)
+                    prompts.append(prompt)
+                    images.append(image)
+        rows["prediction"] = [""] * len(rows["id"])
+        rows["blank_prediction"] = [None] * len(rows["id"])
+        for i, text in zip(asked, self.answer(prompts, images), strict=True):
+            rows["prediction"][i] = text
+        with_image = [k for k, im in enumerate(images) if im is not None]
+        blank_answers = self.answer([prompts[k] for k in with_image], [self.blank] * len(with_image))
+        for k, text in zip(with_image, blank_answers, strict=True):
+            rows["blank_prediction"][asked[k]] = text
         return rows
 
     @torch.no_grad()
@@ -188,16 +224,13 @@ def evaluate(
     started = time.time()
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    records, rejected = load_eval_records(data, image_root)
-    if limit:
-        records = records[:limit]
-    if not records:
-        raise ValueError(f"--data: no usable records in {data} (rejected: {rejected})")
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ds, n_records, rejected = eval_dataset(data, image_root, batch_size, limit)
+    if ds is None or n_records == 0:
+        raise ValueError(f"--data: no usable records in {data} (rejected: {rejected})")
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = cpus_per_actor or max(1.0, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
-    ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / batch_size)))
     predictions = ds.map_batches(
         EvalPredictor,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_new_tokens": max_new_tokens},
@@ -213,12 +246,14 @@ def evaluate(
         {
             "model": str(model_dir),
             "data": str(data),
-            "records": len(records),
+            "records": n_records + sum(rejected.values()),
             "seconds": round(time.time() - started, 1),
         }
     )
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for r in rows:
+            if r["reject_reason"]:
+                continue
             line = {k: r[k] for k in ("id", "turn", "question", "reference", "prediction", "blank_prediction")}
             f.write(json.dumps(_plain(line), ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
@@ -228,6 +263,11 @@ def evaluate(
 def summarize(rows: list[dict], rejected: dict[str, int]) -> dict:
     from vistralv_ray.inference.models import answer_matches
 
+    rejected = dict(rejected)
+    for r in rows:
+        if r.get("reject_reason"):
+            rejected[r["reject_reason"]] = rejected.get(r["reject_reason"], 0) + 1
+    rows = [r for r in rows if not r.get("reject_reason")]
     loss_sum = sum(float(r["loss_sum"]) for r in rows)
     tokens = sum(int(r["loss_tokens"]) for r in rows)
     loss = loss_sum / tokens if tokens else float("nan")

@@ -61,10 +61,8 @@ def open_checkpoint(source: str) -> Iterator[TrainedCheckpoint]:
         else:
             local = Path(uri).expanduser().resolve()
         config_path = local / CONFIG_FILE
-        if not config_path.is_file():  # checkpoints of older runs: the run directory's config
-            config_path = local.parent / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(f"{uri}: no {CONFIG_FILE} in the checkpoint or its run directory")
+            raise FileNotFoundError(f"{uri}: no {CONFIG_FILE} in the checkpoint: not a vistralv-ray checkpoint")
         state = json.loads((local / STATE_FILE).read_text())
         info = json.loads((local / RUN_INFO_FILE).read_text()) if (local / RUN_INFO_FILE).is_file() else {}
         yield TrainedCheckpoint(

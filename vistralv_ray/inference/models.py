@@ -7,6 +7,7 @@ what chat and eval measure is what a user of the exported directory gets.
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 import unicodedata
 from collections.abc import Iterator
@@ -21,16 +22,30 @@ from vistralv_ray.logging import get_logger
 log = get_logger(__name__)
 
 
+EXPORT_MARKERS = ("config.json", "processor_config.json")
+
+
 def is_export_dir(path: str | Path) -> bool:
+    if storage.is_s3(str(path)):
+        return all(storage.exists(storage.join(str(path), name)) for name in EXPORT_MARKERS)
     p = Path(path).expanduser()
-    return (p / "config.json").is_file() and (p / "processor_config.json").is_file()
+    return all((p / name).is_file() for name in EXPORT_MARKERS)
 
 
 @contextlib.contextmanager
 def model_directory(source: str) -> Iterator[Path]:
-    """An export directory as is; a run or checkpoint (local or s3://) exported to a temporary one."""
-    if not storage.is_s3(source) and is_export_dir(source):
-        yield Path(source).expanduser().resolve()
+    """An export directory as is (copied down first from s3://); a run or checkpoint (local or
+    s3://) exported to a temporary directory."""
+    if is_export_dir(source):
+        if not storage.is_s3(source):
+            yield Path(source).expanduser().resolve()
+            return
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory(prefix="vistralv-model-") as tmp:
+            fs, path = storage.filesystem_for(source)
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            yield Path(tmp)
         return
     from vistralv_ray.inference.export import export
 
@@ -90,8 +105,15 @@ def model_inputs(loaded: LoadedModel, texts: list[str], images: list) -> dict[st
     return out
 
 
+# Vietnamese writes the tone of "oa", "oe", "uy" at the end of a word on either vowel ("hoà" and
+# "hòa"): both spellings are one answer. Decomposed, the tone mark moves after the second vowel.
+_TONE_ON_FIRST_VOWEL = re.compile("([oOuU])([\u0300\u0301\u0303\u0309\u0323])([aAeEyY])(?![^\\W\\d_])")
+
+
 def normalize_answer(text: str) -> str:
-    """Case-folded, diacritics kept (NFC), punctuation and extra spaces removed: "Màu đỏ." -> "màu đỏ"."""
+    """Case-folded, diacritics kept, one tone-mark placement, punctuation and extra spaces removed:
+    "Màu đỏ." -> "màu đỏ"; "Hoà." and "Hòa." -> "hoà"."""
+    text = _TONE_ON_FIRST_VOWEL.sub(r"\1\3\2", unicodedata.normalize("NFD", text))
     text = unicodedata.normalize("NFC", text).casefold()
     kept = "".join(ch if not unicodedata.category(ch).startswith("P") else " " for ch in text)
     return " ".join(kept.split())
