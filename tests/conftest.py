@@ -10,6 +10,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from vistralv_ray.data.pipeline import apply_ray_data_env  # noqa: E402
+
+apply_ray_data_env()  # every local Ray cluster a test starts gets what `vistralv-ray` gives its own
+
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):

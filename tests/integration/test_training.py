@@ -27,10 +27,12 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
 
     monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe.pt"))
     wandb = "offline" if zero_stage == 2 else "off"  # one of the runs also checks the wandb metrics
+    projector_scale = 1.0 if stage == "align" else 0.5  # finetune: the projector at half the LR
     cfg = run_config(
         f"train.zero_stage={zero_stage}",
         "train.max_steps=6",
         "train.checkpoint_every=3",
+        f"train.projector_lr_scale={projector_scale}",
         f"run.wandb={wandb}",
         f"run.name=zero{zero_stage}-{stage}",
         stage=stage,
@@ -39,6 +41,12 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
     assert result.error is None
     history = losses(result)
     assert result.return_value["steps"] == 6 and len(history) == 6
+    reports = result.return_value["history"]
+    from vistralv_ray.training.optim import lr_lambda
+
+    cosine = lr_lambda(6, 0, "cosine")  # no warmup here: the LR in use after step s
+    assert [m["lr"] for m in reports] == pytest.approx([2e-3 * cosine(m["step"]) for m in reports])
+    assert all(m["projector_lr"] == pytest.approx(projector_scale * m["lr"]) for m in reports)
     assert history[-1] < history[0] - 0.2, history
     run_dir = Path(result.path)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "lr_plan.yaml").is_file()
@@ -176,6 +184,7 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
         result = train(cfg)
     finally:
         ray.shutdown()
+        monkeypatch.delenv(FAULT_ENV)  # the shared cluster, started anew, must not inherit the fault
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     assert result.error is None
     out = result.return_value

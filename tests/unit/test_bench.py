@@ -67,7 +67,15 @@ def test_summarise_takes_the_median_of_per_step_times():
 
 
 def test_plain_loop_trains_the_same_batches(tiny_assets, demo_corpus, tmp_path):
-    from vistralv_ray.bench.train import bench_config, plain_batches, run_deepspeed_in_process, run_plain
+    import torch
+
+    from vistralv_ray.bench.train import (
+        ShardBatches,
+        bench_config,
+        plain_batches,
+        run_deepspeed_in_process,
+        run_plain,
+    )
     from vistralv_ray.data.prepare import PrepareOptions, prepare
 
     prepare(
@@ -90,6 +98,9 @@ def test_plain_loop_trains_the_same_batches(tiny_assets, demo_corpus, tmp_path):
     assert len({id_ for b in batches for id_ in b.sample_ids}) == 12
     out = run_plain(cfg, opts)
     assert out["measured_steps"] == 2 and out["windows"] == 2 and out["tokens_per_s"] > 0
+    loaded = list(torch.utils.data.DataLoader(ShardBatches(cfg, 3), batch_size=None, num_workers=1))
+    assert [b.sample_ids for b in loaded] == [b.sample_ids for b in batches]  # the same batches, same order
+    torch.testing.assert_close(loaded[1].input_ids, batches[1].input_ids)
     engine = run_deepspeed_in_process(cfg, opts, batches)
     assert engine["measured_steps"] == 2 and engine["samples_per_s"] > 0
 
@@ -138,13 +149,16 @@ def test_train_report_table():
         "model": "tiny",
         "ours": {**loop, "median_step_s": 0.13, "data_wait_fraction": 0.01},
         "plain_pytorch": loop,
+        "plain_pytorch_dataloader": {**loop, "median_step_s": 0.125},
         "deepspeed_in_process": {**loop, "median_step_s": 0.102},
         "overhead_ratio": 1.3,
+        "overhead_ratio_vs_dataloader": 1.04,
         "deepspeed_overhead_ratio": 1.02,
     }
     text = format_train(result)
     assert "overhead ratio (ours / plain median step): 1.30" in text and "130.0" in text
     assert "DeepSpeed engine alone / plain: 1.02" in text and "102.0" in text
+    assert "ours / plain with a DataLoader: 1.04" in text and "125.0" in text
 
 
 def test_memory_sampler_sees_the_process_tree_and_shards_replicate(tmp_path):

@@ -194,11 +194,12 @@ def consume(spec: dict) -> dict:
     import ray
 
     from vistralv_ray.config import config_from_dict
-    from vistralv_ray.data.pipeline import build_datasets
+    from vistralv_ray.data.pipeline import apply_ray_data_env, build_datasets
     from vistralv_ray.data.preprocess import PackingCollate
     from vistralv_ray.model.assembly import build_tokenizer
 
     store = spec["object_store_mb"] << 20 or None  # 0: Ray's default, 30% of RAM
+    apply_ray_data_env()
     ray.init(num_cpus=4, object_store_memory=store, include_dashboard=False, log_to_driver=False)
     cfg = config_from_dict(
         {

@@ -176,6 +176,7 @@ def format_train(r: dict) -> str:
     loops = (
         ("ours (Ray Train + DeepSpeed, 1 worker, streaming data)", "ours"),
         ("plain PyTorch loop (batches in memory)", "plain_pytorch"),
+        ("plain PyTorch loop (DataLoader worker, same preprocessing)", "plain_pytorch_dataloader"),
         ("DeepSpeed engine alone (same process, batches in memory)", "deepspeed_in_process"),
     )
     for name, key in loops:
@@ -183,6 +184,7 @@ def format_train(r: dict) -> str:
         rows.append([name, f"{m['median_step_s'] * 1000:.1f}", f"{m['samples_per_s']:.1f}", f"{m['tokens_per_s']:.0f}"])
     out.append(_table(["loop", "median step ms", "samples/s", "tokens/s"], rows))
     out.append(f"overhead ratio (ours / plain median step): {r['overhead_ratio']:.2f}")
+    out.append(f"ours / plain with a DataLoader: {r['overhead_ratio_vs_dataloader']:.2f}")
     out.append(f"DeepSpeed engine alone / plain: {r['deepspeed_overhead_ratio']:.2f}")
     out.append(f"data-wait fraction reported by our loop: {r['ours']['data_wait_fraction']:.3f}")
     return "\n".join(out)

@@ -23,6 +23,7 @@ from vistralv_ray.logging import get_logger
 log = get_logger(__name__)
 
 SHARD_COLUMNS = ["id", "image", "messages"]
+READ_CPUS = 0.25
 SHORT_ANSWER_WORDS = 6  # answers up to this long count towards accuracy
 BLANK_COLOUR = (255, 255, 255)
 
@@ -76,7 +77,9 @@ def eval_dataset(data: str, image_root: str | None, batch_size: int, limit: int 
 
         files = shard_files([data])
         fs, _ = storage.filesystem_for(files[0])
-        ds = ray.data.read_parquet([storage.filesystem_for(f)[1] for f in files], filesystem=fs, columns=SHARD_COLUMNS)
+        paths = [storage.filesystem_for(f)[1] for f in files]
+        # Reads take a sliver of a CPU: the model actors hold the rest (see `evaluate`).
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=SHARD_COLUMNS, num_cpus=READ_CPUS)
         total = count_records(files)
         if limit:
             ds, total = ds.limit(limit), min(total, limit)
@@ -225,12 +228,16 @@ def evaluate(
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
+        from vistralv_ray.data.pipeline import apply_ray_data_env
+
+        apply_ray_data_env()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ds, n_records, rejected = eval_dataset(data, image_root, batch_size, limit)
     if ds is None or n_records == 0:
         raise ValueError(f"--data: no usable records in {data} (rejected: {rejected})")
     gpus = ray.cluster_resources().get("GPU", 0)
-    cpus = cpus_per_actor or max(1.0, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
+    # The actors take the CPUs (torch threads), less room for the reads and Ray Data's own tasks.
+    cpus = cpus_per_actor or max(1.0, (ray.cluster_resources().get("CPU", 1) - 1.0) / actors)
     predictions = ds.map_batches(
         EvalPredictor,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_new_tokens": max_new_tokens},

@@ -18,12 +18,18 @@ import yaml
 from vistralv_ray.config.loader import config_to_dict
 from vistralv_ray.config.schema import Config
 from vistralv_ray.data import storage
+from vistralv_ray.data.pipeline import RAY_DATA_ENV
 from vistralv_ray.logging import get_logger
 from vistralv_ray.training.scaling import lr_plan
 
 log = get_logger(__name__)
 
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "RAY_TRAIN_V2_ENABLED": "1"}
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_SILENT": "true",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    **{k: os.environ.get(k, v) for k, v in RAY_DATA_ENV.items()},
+}
 # Rank 0 writes the keys of the records a resumed epoch already trained on here (see build_datasets).
 RESUME_SKIP_FILE = "resume_skip_keys.npy"
 
