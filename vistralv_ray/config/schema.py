@@ -129,7 +129,7 @@ class RunSettings:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "vistralv-ray"
     wandb_group: str | None = None
-    # A step progress bar from rank 0, drawn by the driver (the console of `train` or `ray job submit`).
+    # A step progress bar from rank 0, drawn by the driver when it writes to a terminal.
     progress_bar: bool = True
 
 

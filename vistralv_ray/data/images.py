@@ -19,6 +19,7 @@ from vistralv_ray.errors import RecordError
 PAD_LEVEL = 127
 PAD_FILL = (PAD_LEVEL,) * 3
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold
+ORIENTATION = 0x0112  # the EXIF tag
 KEEP_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a camera JPEG with extra frames, decoded as a JPEG
 
 
@@ -42,7 +43,8 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, any colour mode to RGB (transparency over white)."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+        img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -108,7 +110,8 @@ def decode_to_pixels(data: bytes, size: int, aspect: str, max_pixels: int = DEFA
         if aspect == "pad":
             s = size / max(img.size)
             target = (max(1, round(img.width * s)), max(1, round(img.height * s)))
-    pixels = np.array(img, dtype=np.uint8)
+    img.load()
+    pixels = np.asarray(img)  # read-only: resize_bicubic reads it, the canvas copies it
     if img.size != target:
         pixels = resize_bicubic(pixels, target)
     if target == (size, size):
@@ -125,7 +128,9 @@ def resize_bicubic(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # a channels-last view, no copy
+    with warnings.catch_warnings():  # torch warns that a read-only array gives a read-only tensor: it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # a channels-last view, no copy
     y = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0).numpy()
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -164,6 +165,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         "wandb_dir": str(wandb_dir),
         "wandb_id": hashlib.sha1(f"{cfg.run.storage}/{cfg.run_name}".encode()).hexdigest()[:12],
         "probe_logits_path": os.environ.get(PROBE_ENV),
+        # The driver draws the bar: only where it writes to a terminal (job logs get the log lines).
+        "progress_bar": cfg.run.progress_bar and sys.stderr.isatty(),
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:

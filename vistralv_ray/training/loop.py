@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -426,7 +427,7 @@ class Worker:
         )
 
     def start_progress_bar(self, done: int):
-        if not self.cfg.run.progress_bar:
+        if not self.plan.get("progress_bar"):
             return None
         from ray.experimental.tqdm_ray import tqdm
 
@@ -437,6 +438,7 @@ class Worker:
     def finish(self, state: TrainerState, metrics: dict) -> dict | None:
         if self.bar is not None:
             self.bar.close()
+            sys.stdout.flush()  # the closing state travels as a line on stdout: send it before the worker ends
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             self.wandb.finish()
