@@ -99,11 +99,13 @@ def test_targets_are_exactly_the_answers_and_every_record_is_accounted_for(
                 "aspect": "pad",
                 "max_length": 256,
             },
-            "data": {"train": [str(out)], "shuffle": False, "preprocess_cpus_per_actor": 0.5},
+            "data": {"train": [str(out)], "shuffle": False, "preprocess_cpus_per_actor": 0.5, "max_block_mb": 2},
         }
     )
     datasets, counts = build_datasets(cfg)
     assert counts["train"] == manifest["records_out"]
+    # The block cap travels with the dataset's own context (Ray Train executes the split with it).
+    assert datasets["train"].context.target_max_block_size == 2 << 20
     tokenizer = build_tokenizer(cfg.model)[0]
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     records = {r["id"]: r for r in json.loads(source.read_text())}

@@ -54,6 +54,7 @@ def test_overrides_parse_yaml_values():
         ({}, ["data.pack_length=512"], "data.pack_length", "allowed: null or >= 2048"),
         ({}, ["data.batching=group"], "data.batching", "'pack', 'pad'"),
         ({}, ["model.projector=linear"], "model.projector", "'mlp2x_gelu'"),
+        ({}, ["data.max_block_mb=0"], "data.max_block_mb", ">= 1"),
     ],
 )
 def test_errors_name_the_key(data, overrides, key, hint):

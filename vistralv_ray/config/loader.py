@@ -222,6 +222,7 @@ def validate(cfg: Config) -> None:
     _require(d.read_cpus > 0, "data.read_cpus", "must be > 0")
     _require(d.prefetch_batches >= 0, "data.prefetch_batches", "allowed: >= 0")
     _require(d.map_batch_size >= 1, "data.map_batch_size", "allowed: >= 1")
+    _require(d.max_block_mb >= 1, "data.max_block_mb", "allowed: >= 1 (MB)")
     _require(t.epochs >= 1, "train.epochs", f"{t.epochs}; allowed: >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "allowed: null or >= 1")
     _require(t.grad_accum >= 1, "train.grad_accum", "allowed: >= 1")
