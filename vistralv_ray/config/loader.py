@@ -219,7 +219,6 @@ def validate(cfg: Config) -> None:
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
     _require(d.preprocess_actors >= 1, "data.preprocess_actors", "allowed: >= 1")
     _require(d.preprocess_cpus_per_actor > 0, "data.preprocess_cpus_per_actor", "must be > 0")
-    _require(d.read_cpus > 0, "data.read_cpus", "must be > 0")
     _require(d.prefetch_batches >= 0, "data.prefetch_batches", "allowed: >= 0")
     _require(d.map_batch_size >= 1, "data.map_batch_size", "allowed: >= 1")
     _require(d.max_block_mb >= 1, "data.max_block_mb", "allowed: >= 1 (MB)")

@@ -68,7 +68,6 @@ class DataConfig:
     max_image_pixels: int = 89_478_485
     preprocess_actors: int = 1
     preprocess_cpus_per_actor: float = 1.0
-    read_cpus: float = 0.25
     # Custom resources the preprocessing actors ask for (e.g. {"cpu_node": 0.01} to keep them off GPU nodes).
     preprocess_resources: dict[str, float] = field(default_factory=dict)
     prefetch_batches: int = 2

@@ -1,6 +1,6 @@
 """Ray Data pipelines from Parquet shards (local or S3) to preprocessed rows, streamed to training.
 
-read_parquet -> Preprocessor actors on CPUs (decode, resize/pad, tokenize, mask) -> the trainer's
+shard URIs -> ShardPreprocessor actors on CPUs (read, decode, resize/pad, tokenize, mask) -> the trainer's
 `get_dataset_shard(...).iter_torch_batches(collate_fn=PackingCollate)`. Everything streams: the
 dataset is never materialised, so memory stays bounded whatever its size.
 """
@@ -17,12 +17,12 @@ from vistralv_ray.data import storage
 
 SHARD_COLUMNS = ["id", "image", "messages"]
 
-# Ray 2.60's read_parquet starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (default 32) footer-reading actors,
-# each a Python process, every time a dataset executes (every epoch, every eval). On a 2-core
+# Ray 2.60's read_parquet (eval reads its shards with it) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
+# (default 32) footer-reading actors, each a Python process, every time a dataset executes. On a 2-core
 # machine that took the first batch of a 240-file read from 6 s to 32 s; two actors, each with 128
 # concurrent reads, list thousands of shards quickly.
-# Arrow's default allocator (jemalloc) keeps freed pages: the worker that reads the shards grew
-# by ~300 MB more over a 10x longer stream with it than with the system allocator.
+# Arrow's default allocator (jemalloc) keeps freed pages: a worker reading shards grew by ~300 MB
+# more over a 10x longer stream with it than with the system allocator.
 # The variables must reach Ray's workers.
 RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
@@ -49,36 +49,37 @@ def count_records(files: list[str]) -> int:
     return total
 
 
-def read_shards(files: list[str], cfg: Config, shuffle: bool):
+def shard_dataset(files: list[str], cfg: Config, shuffle: bool):
+    """One row per shard URI: the preprocessing actors read the shards themselves.
+
+    Reading them in a separate Ray Data stage (`read_parquet`) let Ray 2.60 read ahead of a slow
+    consumer into the next stage's queue, past the pipeline's object-store budget: the reading
+    worker grew to ~1 GB and the store spilled on a 10x longer stream. With the read inside the
+    actor, only preprocessed blocks are buffered, and Ray Data's budget bounds those.
+    """
     import ray.data
 
-    fs, _ = storage.filesystem_for(files[0])
-    paths = [storage.filesystem_for(f)[1] for f in files]
-    kwargs = {}
-    if shuffle:
-        kwargs["shuffle"] = ray.data.FileShuffleConfig(seed=cfg.train.seed)
-    return ray.data.read_parquet(
-        paths,
-        filesystem=fs,
-        columns=SHARD_COLUMNS,
-        num_cpus=cfg.data.read_cpus,
-        **kwargs,
-    )
+    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+    if shuffle:  # a new shard order every epoch, reproducible from the seed
+        seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+        ds = ds.randomize_block_order(seed=seed)
+    return ds
 
 
 def preprocess(ds, cfg: Config, skip_keys_uri: str | None = None):
     import ray.data
 
-    from vistralv_ray.data.preprocess import Preprocessor
+    from vistralv_ray.data.preprocess import ShardPreprocessor
 
     return ds.map_batches(
-        Preprocessor,
+        ShardPreprocessor,
         fn_constructor_kwargs={
             "model_cfg": dataclasses.asdict(cfg.model),
             "max_pixels": cfg.data.max_image_pixels,
+            "rows_per_call": cfg.data.map_batch_size,
             "skip_keys_uri": skip_keys_uri,
         },
-        batch_size=cfg.data.map_batch_size,
+        batch_size=1,  # one shard per call; it yields map_batch_size records at a time
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.data.preprocess_actors),
         num_cpus=cfg.data.preprocess_cpus_per_actor,
@@ -102,9 +103,9 @@ def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dic
             continue
         files = shard_files(uris)
         counts[name] = count_records(files)
-        datasets[name] = _configure(preprocess(read_shards(files, cfg, shuffle), cfg), cfg)
+        datasets[name] = _configure(preprocess(shard_dataset(files, cfg, shuffle), cfg), cfg)
         if name == "train" and resume_skip_uri:
-            resumed = preprocess(read_shards(files, cfg, shuffle), cfg, resume_skip_uri)
+            resumed = preprocess(shard_dataset(files, cfg, shuffle), cfg, resume_skip_uri)
             datasets["train_resume"] = _configure(resumed, cfg)
     if "train" not in datasets:
         raise FileNotFoundError("data.train: no training shards given")

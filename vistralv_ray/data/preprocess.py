@@ -1,6 +1,7 @@
 """CPU preprocessing of shard rows (runs in Ray Data actors) and their collation into train batches.
 
-`Preprocessor` checks each record again (shards may come from elsewhere), decodes and resizes or
+`ShardPreprocessor` reads whole shards inside the actor and hands their rows, a few at a time, to
+`Preprocessor`, which checks each record again (shards may come from elsewhere), decodes and resizes or
 pads the image to uint8 and tokenizes + masks the conversation. A bad record is not dropped: it
 travels on with its reason, and `PackingCollate` counts it in the batch it would have been part of,
 so the training loop reports every rejection.
@@ -75,6 +76,35 @@ class Preprocessor:
             "reject_reason": np.asarray(reasons, dtype=object),
             "reject_detail": np.asarray(details, dtype=object),
         }
+
+
+class ShardPreprocessor:
+    """Ray Data `map_batches` callable: shard URIs -> preprocessed rows, `rows_per_call` at a time.
+
+    Reading inside the actor keeps a single buffered stage (see `pipeline.shard_dataset`); a shard
+    is read one Parquet batch at a time, so memory is bounded by a row group, not by the shard.
+    """
+
+    def __init__(self, model_cfg: dict, max_pixels: int, rows_per_call: int, skip_keys_uri: str | None = None):
+        self.preprocessor = Preprocessor(model_cfg, max_pixels, skip_keys_uri)
+        self.rows_per_call = rows_per_call
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for uri in batch["uri"]:
+            yield from self.shard(str(uri))
+
+    def shard(self, uri: str):
+        import pyarrow.parquet as pq
+
+        from vistralv_ray.data import storage
+        from vistralv_ray.data.pipeline import SHARD_COLUMNS
+
+        fs, path = storage.filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_call, columns=SHARD_COLUMNS):
+                out = self.preprocessor(rows.to_pydict())
+                if len(out["id"]):  # a resumed epoch may skip every row of a batch
+                    yield out
 
 
 def save_keys(uri: str, keys) -> None:

@@ -53,10 +53,10 @@ def ensure_ray(cfg: Config) -> None:
     # A busy small machine can take longer than Ray's default to start its metrics agent.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     # Local mode: logical CPUs are a scheduling budget. On a small machine, make room for the train
-    # workers plus the preprocessing actors, reads and Ray Data's file listing task (1 CPU), so that
+    # workers plus the preprocessing actors (which read the shards) and one CPU to spare, so that
     # Ray Data never waits behind Train's reservation (`backpressured:tasks(ResourceBudget)`).
     s, d = cfg.scaling, cfg.data
-    needed = s.workers * s.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus_per_actor + 1 + 2 * d.read_cpus
+    needed = s.workers * s.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus_per_actor + 1
     cpus = max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=True, log_to_driver=True)
 

@@ -23,7 +23,7 @@ log = get_logger(__name__)
 
 # The trial function only waits on its trainer; the trainer asks for its workers' resources itself.
 TRIAL_DRIVER_CPUS = 0.05
-# Kept free of trials so that Ray Data's listing and read tasks always find a CPU.
+# Kept free of trials so that Ray Data's own tasks (listing, eval reads) always find a CPU.
 DATA_HEADROOM_CPUS = 1.0
 # What a diverged report carries as the metric, so that the scheduler ranks it last (ASHA needs a number).
 DIVERGED_METRIC_VALUE = 1e30
@@ -129,7 +129,7 @@ def trial_footprint(cfg: Config, use_gpu: bool) -> dict[str, float]:
     out = {key: value * s.workers for key, value in worker.items()}
     pipelines = 2 if d.eval else 1  # train and eval each have their own preprocessing actors
     out["CPU"] = out.get("CPU", 0.0) + TRIAL_DRIVER_CPUS
-    out["CPU"] += pipelines * (d.preprocess_actors * d.preprocess_cpus_per_actor + d.read_cpus)
+    out["CPU"] += pipelines * d.preprocess_actors * d.preprocess_cpus_per_actor
     return out
 
 
