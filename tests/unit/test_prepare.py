@@ -104,7 +104,10 @@ def options(tmp_path, root, tiny_model_config: ModelConfig, **kw):
     )
 
 
-def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_model_config):
+def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_model_config, monkeypatch):
+    import vistralv_ray.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "SHARD_ROW_GROUP_ROWS", 3)
     src, root = messy_source
     tiny_model_config.max_length = 120
     manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
@@ -119,6 +122,9 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_mod
         by_id["bomb"] == "decompression_bomb" and by_id["long"] == "too_long" and by_id["row-20"] == "malformed_record"
     )
     kept = [pq.read_table(tmp_path / "shards" / s["name"]) for s in manifest["shards"]]
+    # Shards of 4 rows in row groups of at most 3: the actors can read a shard a row group at a time.
+    groups = [pq.ParquetFile(tmp_path / "shards" / s["name"]).metadata for s in manifest["shards"]]
+    assert [m.num_rows for m in groups] == [4, 4] and all(m.num_row_groups == 2 for m in groups)
     ids = sorted(i for t in kept for i in t.column("id").to_pylist())
     assert ids == sorted(["good", "text-only", "gray", "rgba", "palette", "cmyk", "cmyk-tiff", "rotated"])
     assert by_id["tag-in-answer"] == "malformed_record"
@@ -305,3 +311,29 @@ def test_preprocessor_leaves_out_the_records_a_resumed_epoch_has_seen(tmp_path, 
     assert list(Preprocessor(model_cfg, 10**8)(batch)["id"]) == ["a", "b", "c"]
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         Preprocessor(model_cfg, 10**8, skip_keys_uri=str(tmp_path / "missing.npy"))
+
+
+def test_shard_preprocessor_streams_a_shard_and_names_one_it_cannot_read(tmp_path, tiny_model_config):
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vistralv_ray.data.prepare import SHARD_SCHEMA
+    from vistralv_ray.data.preprocess import ShardPreprocessor
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(buf, "JPEG")
+    messages = [{"role": "user", "content": "<image>\nMàu gì?"}, {"role": "assistant", "content": "Màu xanh."}]
+    rows = [{"id": f"r{i}", "image": buf.getvalue(), "messages": messages} for i in range(5)]
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file")
+
+    pre = ShardPreprocessor(dataclasses.asdict(tiny_model_config), 10**8, rows_per_call=2)
+    outs = list(pre({"uri": np.array([str(good)], dtype=object)}))
+    assert [list(o["id"]) for o in outs] == [["r0", "r1"], ["r2", "r3"], ["r4"]]
+    assert all(o["pixel_values"].dtype == np.uint8 and not any(o["reject_reason"]) for o in outs)
+    with pytest.raises(OSError, match="bad.parquet: cannot read the shard"):
+        list(pre({"uri": np.array([str(bad)], dtype=object)}))

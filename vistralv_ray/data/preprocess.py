@@ -10,6 +10,7 @@ so the training loop reports every rejection.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -40,7 +41,7 @@ class Preprocessor:
         # Records already trained on in a resumed epoch: left out here, before any decoding.
         self.skip_keys = load_keys(skip_keys_uri) if skip_keys_uri else frozenset()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, Sequence]) -> dict[str, np.ndarray]:
         keep = [i for i, rid in enumerate(batch["id"]) if record_key(str(rid)) not in self.skip_keys]
         out_ids, out_labels, out_pixels, has_image, reasons, details = [], [], [], [], [], []
         blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
@@ -82,7 +83,8 @@ class ShardPreprocessor:
     """Ray Data `map_batches` callable: shard URIs -> preprocessed rows, `rows_per_call` at a time.
 
     Reading inside the actor keeps a single buffered stage (see `pipeline.shard_dataset`); a shard
-    is read one Parquet batch at a time, so memory is bounded by a row group, not by the shard.
+    is read one row group at a time (`prepare.SHARD_ROW_GROUP_ROWS`), not whole. A shard that
+    cannot be read is an error naming it.
     """
 
     def __init__(self, model_cfg: dict, max_pixels: int, rows_per_call: int, skip_keys_uri: str | None = None):
@@ -94,17 +96,21 @@ class ShardPreprocessor:
             yield from self.shard(str(uri))
 
     def shard(self, uri: str):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from vistralv_ray.data import storage
         from vistralv_ray.data.pipeline import SHARD_COLUMNS
 
         fs, path = storage.filesystem_for(uri)
-        with fs.open_input_file(path) as f:
-            for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_call, columns=SHARD_COLUMNS):
-                out = self.preprocessor(rows.to_pydict())
-                if len(out["id"]):  # a resumed epoch may skip every row of a batch
-                    yield out
+        try:
+            with fs.open_input_file(path) as f:
+                for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_call, columns=SHARD_COLUMNS):
+                    out = self.preprocessor(rows.to_pydict())
+                    if len(out["id"]):  # a resumed epoch may skip every row of a batch
+                        yield out
+        except (OSError, pa.ArrowException) as e:
+            raise OSError(f"{uri}: cannot read the shard: {e}") from e
 
 
 def save_keys(uri: str, keys) -> None:
