@@ -105,6 +105,7 @@ def test_deepspeed_config_generated_from_ours():
     cpu = build_deepspeed_config(config_from_dict({}), world_size=2, on_gpu=False)
     assert not cpu["bf16"]["enabled"] and cpu["zero_optimization"]["stage"] == 2
     assert "offload_optimizer" not in cpu["zero_optimization"]
+    assert zero["contiguous_gradients"] and not cpu["zero_optimization"]["contiguous_gradients"]
     with pytest.raises(ValueError, match="train.precision"):
         build_deepspeed_config(config_from_dict({}, ["train.precision=bf16"]), world_size=1, on_gpu=False)
 

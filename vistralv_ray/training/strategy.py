@@ -32,7 +32,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
     zero: dict = {
         "stage": t.zero_stage,
         "overlap_comm": on_gpu,
-        "contiguous_gradients": True,
+        # The contiguous gradient buffer spares the CUDA caching allocator fragmentation; on the CPU it is
+        # one more copy of every gradient in each backward (ZeRO-2 step 3.4% -> 1.1% over a plain torch
+        # step on the bench's tiny model, interleaved A/B). Offloading turns it back on by itself.
+        "contiguous_gradients": on_gpu,
         "reduce_scatter": True,
         "reduce_bucket_size": 5e8 if on_gpu else 5e7,
         "allgather_bucket_size": 5e8 if on_gpu else 5e7,
