@@ -101,8 +101,10 @@ def test_plain_loop_trains_the_same_batches(tiny_assets, demo_corpus, tmp_path):
     loaded = list(torch.utils.data.DataLoader(ShardBatches(cfg, 3), batch_size=None, num_workers=1))
     assert [b.sample_ids for b in loaded] == [b.sample_ids for b in batches]  # the same batches, same order
     torch.testing.assert_close(loaded[1].input_ids, batches[1].input_ids)
-    engine = run_deepspeed_in_process(cfg, opts, batches)
-    assert engine["measured_steps"] == 2 and engine["samples_per_s"] > 0
+    both = run_deepspeed_in_process(cfg, opts, batches)
+    assert set(both) == {"deepspeed", "plain"}
+    for loop in both.values():  # in turn over the same batches, the warm-up window left out of both
+        assert loop["measured_steps"] == 2 and loop["windows"] == 2 and loop["samples_per_s"] > 0
 
 
 def test_bench_data_json_has_the_expected_keys(capsys):
@@ -145,20 +147,23 @@ def test_train_report_table():
     loop = {"median_step_s": 0.1, "samples_per_s": 80.0, "tokens_per_s": 9000.0}
     result = {
         "machine": {"cpus": 2, "gpu": None, "load_average_1m": 1.0, "torch": "x", "ray": "y"},
-        "options": {"stage": "finetune", "batch_size": 8, "threads": 1, "steps": 20, "warmup_steps": 5},
+        "options": {"stage": "finetune", "batch_size": 8, "threads": 1, "steps": 20, "warmup_steps": 5, "repeats": 3},
         "model": "tiny",
         "ours": {**loop, "median_step_s": 0.13, "data_wait_fraction": 0.01},
         "plain_pytorch": loop,
         "plain_pytorch_dataloader": {**loop, "median_step_s": 0.125},
         "deepspeed_in_process": {**loop, "median_step_s": 0.102},
+        "plain_pytorch_interleaved": {**loop, "median_step_s": 0.1},
         "overhead_ratio": 1.3,
+        "overhead_ratios": [1.2, 1.3, 1.4],
         "overhead_ratio_vs_dataloader": 1.04,
         "deepspeed_overhead_ratio": 1.02,
     }
     text = format_train(result)
-    assert "overhead ratio (ours / plain median step): 1.30" in text and "130.0" in text
-    assert "DeepSpeed engine alone / plain: 1.02" in text and "102.0" in text
-    assert "ours / plain with a DataLoader: 1.04" in text and "125.0" in text
+    assert "overhead ratio (ours / plain median step): 1.300 (runs: 1.200, 1.300, 1.400)" in text and "130.0" in text
+    assert "DeepSpeed engine alone / plain, in turn: 1.020" in text and "102.0" in text
+    assert "ours / plain with a DataLoader: 1.040" in text and "125.0" in text
+    assert "3 runs each of ours and the plain loop" in text
 
 
 def test_memory_sampler_sees_the_process_tree_and_shards_replicate(tmp_path):
@@ -197,5 +202,5 @@ def test_cli_defaults_are_the_options_defaults():
     ):
         assert getattr(data, flag) == getattr(want, field), flag
     train = build_parser().parse_args(["bench", "train"])
-    for field in ("steps", "warmup_steps", "window", "batch_size", "stage", "threads"):
+    for field in ("steps", "warmup_steps", "window", "batch_size", "stage", "threads", "repeats"):
         assert getattr(train, field) == getattr(TrainBenchOptions(), field), field

@@ -7,6 +7,11 @@ researcher would write: the same model and optimizer, no Ray, no DeepSpeed, with
 memory beforehand (a lower bound: no data work at all) or fed by a torch DataLoader worker doing
 the same preprocessing (data work on the other core, as ours). Step times are medians over logging
 windows, the first window dropped as warm-up.
+
+Runs of one loop in separate processes differ by a few percent on a small machine, more than the
+overhead being measured. So ours and the in-memory plain loop can run in turn several times
+(`repeats`, the ratio is the median of the pairs'), and the DeepSpeed engine alone is timed against
+the plain loop window by window in one process, which cancels the machine's drift between them.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ log = get_logger(__name__)
 
 @dataclass
 class TrainBenchOptions:
-    steps: int = 20  # measured optimizer steps (after warm-up)
+    steps: int = 60  # measured optimizer steps (after warm-up)
     warmup_steps: int = 5
     window: int = 5  # steps per logging window (train.log_every); warmup_steps must be a multiple
     batch_size: int = 8
     stage: str = "finetune"
     threads: int = 1  # torch threads of the train worker and of the plain loop
     seed: int = 0
+    repeats: int = 1  # (ours, plain) pairs; the overhead ratio is the median of the pairs' ratios
 
 
 def make_inputs(work: Path, records: int, stage: str, seed: int = 0) -> dict[str, str]:
@@ -53,7 +59,7 @@ def make_inputs(work: Path, records: int, stage: str, seed: int = 0) -> dict[str
     return {"llm": str(assets["llm"]), "vision": str(assets["vision"]), "shards": str(out), "runs": str(work / "runs")}
 
 
-def bench_config(paths: dict[str, str], opts: TrainBenchOptions) -> Config:
+def bench_config(paths: dict[str, str], opts: TrainBenchOptions, run_name: str = "bench-train") -> Config:
     total = opts.warmup_steps + opts.steps
     finetune = opts.stage == "finetune"
     return config_from_dict(
@@ -81,7 +87,7 @@ def bench_config(paths: dict[str, str], opts: TrainBenchOptions) -> Config:
                 "seed": opts.seed,
             },
             "scaling": {"workers": 1, "cpus_per_worker": float(opts.threads), "use_gpu": False},
-            "run": {"storage": paths["runs"], "name": "bench-train"},
+            "run": {"storage": paths["runs"], "name": run_name},
         }
     )
 
@@ -189,28 +195,33 @@ def _timed_windows(step, batches, opts: TrainBenchOptions) -> dict:
     return summarise(seconds, steps, samples, tokens)
 
 
+def plain_step(cfg: Config):
+    """A fresh model and optimizer, and the plain loop's step over a batch: torch only."""
+    from vistralv_ray.training.step import summed_token_loss
+
+    model, optimizer = _fresh_model_and_optimizer(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step(batch):
+        loss = summed_token_loss(model, batch, torch.float32) / max(batch.num_target_tokens, 1)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_plain(cfg: Config, opts: TrainBenchOptions, batches=None) -> dict:
     """Same model, optimizer, clipping and batches (a list, or a DataLoader); torch only. Timed per
     window like ours."""
-    from vistralv_ray.training.step import summed_token_loss
-
     threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     try:
         batches = batches if batches is not None else plain_batches(cfg, opts.warmup_steps + opts.steps)
-        model, optimizer = _fresh_model_and_optimizer(cfg)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        model.train()
-
-        def step(batch):
-            loss = summed_token_loss(model, batch, torch.float32) / max(batch.num_target_tokens, 1)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return _timed_windows(step, batches, opts)
+        return _timed_windows(plain_step(cfg), batches, opts)
     finally:
         torch.set_num_threads(threads)
 
@@ -236,9 +247,30 @@ def run_plain_with_dataloader(cfg: Config, opts: TrainBenchOptions) -> dict:
     return run_plain(cfg, opts, loader)
 
 
-def run_deepspeed_in_process(cfg: Config, opts: TrainBenchOptions, batches: list) -> dict:
+def _interleaved_windows(steps: dict, batches: list, opts: TrainBenchOptions) -> dict[str, dict]:
+    """Each loop in `steps` over the same batches, one logging window at a time in turn (ABBA order),
+    so that a slow spell of the machine falls on every loop alike; summaries as `_timed_windows`."""
+    names = list(steps)
+    windows = {n: ([], [], [], []) for n in names}
+    for index, start in enumerate(range(0, len(batches), opts.window)):
+        window = batches[start : start + opts.window]
+        for name in names if index % 2 == 0 else names[::-1]:
+            began = time.perf_counter()
+            for batch in window:
+                steps[name](batch)
+            if start + len(window) > opts.warmup_steps:
+                seconds, count, samples, tokens = windows[name]
+                seconds.append(time.perf_counter() - began)
+                count.append(len(window))
+                samples.append(sum(b.num_samples for b in window))
+                tokens.append(sum(b.num_tokens for b in window))
+    return {n: summarise(*windows[n]) for n in names}
+
+
+def run_deepspeed_in_process(cfg: Config, opts: TrainBenchOptions, batches: list) -> dict[str, dict]:
     """The DeepSpeed engine of our worker (same config: ZeRO stage, clipping) on the in-memory
-    batches, in this process without Ray: what DeepSpeed alone adds to the plain loop."""
+    batches, in this process without Ray, window by window in turn with the plain loop: what
+    DeepSpeed alone adds to the plain loop. Returns both loops' summaries."""
     import deepspeed
     import torch.distributed as dist
 
@@ -274,7 +306,7 @@ def run_deepspeed_in_process(cfg: Config, opts: TrainBenchOptions, batches: list
             engine.step()
             float(loss.detach())  # our loop reads the loss every step
 
-        return _timed_windows(step, batches, opts)
+        return _interleaved_windows({"deepspeed": step, "plain": plain_step(cfg)}, batches, opts)
     finally:
         torch.set_num_threads(threads)
         if started_group:
@@ -289,34 +321,42 @@ def run_train_bench(opts: TrainBenchOptions) -> dict:
 
     if opts.warmup_steps % opts.window:
         raise ValueError("--warmup-steps must be a multiple of --window")
+    if opts.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
     total = opts.warmup_steps + opts.steps
     with tempfile.TemporaryDirectory(prefix="vistralv-bench-train-") as tmp:
         log.info("building tiny assets and %d demo records", total * opts.batch_size)
         paths = make_inputs(Path(tmp), total * opts.batch_size + opts.batch_size, opts.stage, opts.seed)
         cfg = bench_config(paths, opts)
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            # Our own cluster, quiet (worker logs would mix with --json output) and with the
-            # worker's torch thread count pinned to the plain loop's.
-            env = {**WORKER_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(opts.threads)}
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, 4),
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env={"env_vars": env},
-            )
-        try:
-            log.info("ours: %d steps through Ray Train + DeepSpeed (1 worker)", total)
-            ours = run_ours(cfg, opts)
-        finally:
-            if started_ray:
-                ray.shutdown()  # the plain loop runs without a Ray cluster beside it
-        log.info("plain PyTorch and the DeepSpeed engine alone: the same %d steps, batches in memory", total)
         batches = plain_batches(cfg, total)
-        plain = run_plain(cfg, opts, batches)
+        pairs = []
+        for repeat in range(opts.repeats):
+            started_ray = not ray.is_initialized()
+            if started_ray:
+                # Our own cluster, quiet (worker logs would mix with --json output) and with the
+                # worker's torch thread count pinned to the plain loop's.
+                env = {**WORKER_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(opts.threads)}
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, 4),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": env},
+                )
+            try:
+                log.info("run %d/%d, ours: %d steps, Ray Train + DeepSpeed (1 worker)", repeat + 1, opts.repeats, total)
+                # A run of its own each time: the same name would resume the previous run's last checkpoint.
+                ours = run_ours(bench_config(paths, opts, f"bench-train-{repeat + 1}"), opts)
+            finally:
+                if started_ray:
+                    ray.shutdown()  # the plain loop runs without a Ray cluster beside it
+            log.info("run %d/%d, plain PyTorch: the same %d steps, batches in memory", repeat + 1, opts.repeats, total)
+            pairs.append((ours, run_plain(cfg, opts, batches)))
         log.info("plain PyTorch fed by a DataLoader worker: the same %d steps", total)
         plain_loader = run_plain_with_dataloader(cfg, opts)
-        engine_only = run_deepspeed_in_process(cfg, opts, batches)
+        log.info("the DeepSpeed engine alone and plain PyTorch, window by window in turn: %d steps each", total)
+        interleaved = run_deepspeed_in_process(cfg, opts, batches)
+    ratios = [o["median_step_s"] / p["median_step_s"] for o, p in pairs]
+    ours, plain = _median_run([o for o, _ in pairs]), _median_run([p for _, p in pairs])
     return {
         "machine": machine(),
         "options": asdict(opts),
@@ -324,8 +364,18 @@ def run_train_bench(opts: TrainBenchOptions) -> dict:
         "ours": ours,
         "plain_pytorch": plain,
         "plain_pytorch_dataloader": plain_loader,
-        "deepspeed_in_process": engine_only,
-        "overhead_ratio": ours["median_step_s"] / plain["median_step_s"],
+        "deepspeed_in_process": interleaved["deepspeed"],
+        "plain_pytorch_interleaved": interleaved["plain"],
+        "overhead_ratio": statistics.median(ratios),
+        "overhead_ratios": ratios,
         "overhead_ratio_vs_dataloader": ours["median_step_s"] / plain_loader["median_step_s"],
-        "deepspeed_overhead_ratio": engine_only["median_step_s"] / plain["median_step_s"],
+        "deepspeed_overhead_ratio": interleaved["deepspeed"]["median_step_s"] / interleaved["plain"]["median_step_s"],
     }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Several runs of one loop -> one summary: the median of each figure, steps and windows summed."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("measured_steps", "windows")}
+    out.update({k: sum(r[k] for r in runs) for k in ("measured_steps", "windows")})
+    out["runs"] = len(runs)
+    return out
