@@ -61,6 +61,15 @@ def test_windows_from_history_drop_warmup_and_weight_by_time():
         windows_from_history(history[:1], global_batch=8, warmup_steps=5)
 
 
+def test_bad_train_bench_options_are_refused_before_anything_runs(capsys):
+    from vistralv_ray.cli.main import main
+
+    assert main(["bench", "train", "--repeats", "0"]) == 2
+    assert "--repeats: 0; allowed: >= 1" in capsys.readouterr().err
+    assert main(["bench", "train", "--warmup-steps", "3", "--window", "5"]) == 2
+    assert "--warmup-steps: 3; allowed: a multiple of --window (5)" in capsys.readouterr().err
+
+
 def test_summarise_takes_the_median_of_per_step_times():
     out = summarise([1.0, 3.0, 2.0], [2, 2, 2], [16, 16, 16], [100, 100, 100])
     assert out["median_step_s"] == 1.0 and out["samples_per_s"] == pytest.approx(8.0)

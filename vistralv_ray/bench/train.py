@@ -44,6 +44,13 @@ class TrainBenchOptions:
     seed: int = 0
     repeats: int = 1  # (ours, plain) pairs; the overhead ratio is the median of the pairs' ratios
 
+    def __post_init__(self):
+        for name in ("steps", "window", "batch_size", "threads", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: {getattr(self, name)}; allowed: >= 1")
+        if self.warmup_steps < 0 or self.warmup_steps % self.window:
+            raise ValueError(f"--warmup-steps: {self.warmup_steps}; allowed: a multiple of --window ({self.window})")
+
 
 def make_inputs(work: Path, records: int, stage: str, seed: int = 0) -> dict[str, str]:
     """Tiny assets, the demo corpus and its shards under `work`."""
@@ -319,10 +326,6 @@ def run_train_bench(opts: TrainBenchOptions) -> dict:
     from vistralv_ray.bench.data import machine
     from vistralv_ray.training.driver import WORKER_ENV
 
-    if opts.warmup_steps % opts.window:
-        raise ValueError("--warmup-steps must be a multiple of --window")
-    if opts.repeats < 1:
-        raise ValueError("--repeats must be at least 1")
     total = opts.warmup_steps + opts.steps
     with tempfile.TemporaryDirectory(prefix="vistralv-bench-train-") as tmp:
         log.info("building tiny assets and %d demo records", total * opts.batch_size)

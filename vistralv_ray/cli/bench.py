@@ -71,16 +71,20 @@ def bench_data(args: argparse.Namespace) -> int:
 def bench_train(args: argparse.Namespace) -> int:
     from vistralv_ray.bench.train import TrainBenchOptions, run_train_bench
 
-    opts = TrainBenchOptions(
-        steps=args.steps,
-        warmup_steps=args.warmup_steps,
-        window=args.window,
-        batch_size=args.batch_size,
-        stage=args.stage,
-        threads=args.threads,
-        seed=args.seed,
-        repeats=args.repeats,
-    )
+    try:
+        opts = TrainBenchOptions(
+            steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            window=args.window,
+            batch_size=args.batch_size,
+            stage=args.stage,
+            threads=args.threads,
+            seed=args.seed,
+            repeats=args.repeats,
+        )
+    except ValueError as e:  # checked before anything starts
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with contextlib.redirect_stdout(sys.stderr):
         result = run_train_bench(opts)
     print(json.dumps(result, indent=1) if args.json else format_train(result))
