@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from vistralv_ray.logging import get_logger
+from vistralv_ray.ray_runtime import init_ray
 
 log = get_logger(__name__)
 
@@ -200,7 +201,7 @@ def consume(spec: dict) -> dict:
 
     store = spec["object_store_mb"] << 20 or None  # 0: Ray's default, 30% of RAM
     apply_ray_data_env()
-    ray.init(num_cpus=4, object_store_memory=store, include_dashboard=False, log_to_driver=False)
+    init_ray(what="bench data", num_cpus=4, object_store_memory=store, include_dashboard=False)
     cfg = config_from_dict(
         {
             "model": {"language_model": spec["llm"], "vision_tower": spec["vision"], "image_size": spec["image_size"]},

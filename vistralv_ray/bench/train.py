@@ -29,6 +29,7 @@ import torch
 from vistralv_ray.config import config_from_dict
 from vistralv_ray.config.schema import Config
 from vistralv_ray.logging import get_logger
+from vistralv_ray.ray_runtime import init_ray
 
 log = get_logger(__name__)
 
@@ -339,11 +340,11 @@ def run_train_bench(opts: TrainBenchOptions) -> dict:
                 # Our own cluster, quiet (worker logs would mix with --json output) and with the
                 # worker's torch thread count pinned to the plain loop's.
                 env = {**WORKER_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(opts.threads)}
-                ray.init(
+                init_ray(
+                    runtime_env={"env_vars": env},
+                    what="bench train",
                     num_cpus=max(os.cpu_count() or 1, 4),
                     include_dashboard=False,
-                    log_to_driver=False,
-                    runtime_env={"env_vars": env},
                 )
             try:
                 log.info("run %d/%d, ours: %d steps, Ray Train + DeepSpeed (1 worker)", repeat + 1, opts.repeats, total)

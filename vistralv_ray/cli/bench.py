@@ -7,6 +7,8 @@ import contextlib
 import json
 import sys
 
+from vistralv_ray.cli.options import add_ray_address
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the data pipeline or the training step against plain baselines")
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--consume-delay", type=float, default=0.25, help="consumer seconds per batch (default 0.25)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    add_ray_address(d)
     d.set_defaults(func=bench_data)
 
     t = benches.add_parser("train", help="our Ray Train + DeepSpeed step against a plain PyTorch loop")
@@ -44,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="runs of ours and the plain loop, in turn; the overhead ratio is their median (default 1)",
     )
     t.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    add_ray_address(t)
     t.set_defaults(func=bench_train)
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from vistralv_ray.cli.options import add_ray_address
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's (or checkpoint's) model as a Hugging Face Llava directory")
@@ -43,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    add_ray_address(p)
     p.set_defaults(func=evaluate)
 
 
@@ -56,16 +59,10 @@ def export(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from vistralv_ray.inference.chat import ChatSession, run_chat
+    from vistralv_ray.inference.chat import ChatSession, load_image, run_chat
     from vistralv_ray.inference.models import load_model, model_directory
 
-    image = None
-    if args.image is not None:
-        from vistralv_ray.data.images import open_checked
-
-        if not args.image.is_file():
-            raise FileNotFoundError(f"--image: {args.image} does not exist")
-        image = open_checked(args.image.read_bytes()).convert("RGB")
+    image = load_image(args.image) if args.image is not None else None
 
     def write(text: str) -> None:
         sys.stdout.write(text)

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from vistralv_ray.cli.options import add_ray_address
 from vistralv_ray.config import Config, config_from_dict
 
 DEMO_SYSTEM_PROMPT = "Trợ lý trả lời ngắn gọn."
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align-epochs", type=int, default=1)
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (GPUs when the machine has them)")
+    add_ray_address(p)
     p.set_defaults(func=run)
 
 

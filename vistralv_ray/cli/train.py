@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from vistralv_ray.cli.options import add_ray_address
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (or resume) a run: Ray Data -> TorchTrainer workers with DeepSpeed ZeRO")
     p.add_argument("config", help="run config YAML (e.g. jobs/finetune.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_ray_address(p)
     p.set_defaults(func=train)
     register_plan(sub)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vistralv_ray.cli.options import add_ray_address
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="sweep the base LR with Ray Tune + ASHA; writes best.json, trials.csv and plots")
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a key of CONFIG for every trial",
     )
+    add_ray_address(p)
     p.set_defaults(func=tune)
 
 

@@ -1,8 +1,8 @@
 """The Ray layer: datasets, ScalingConfig, RunConfig and the TorchTrainer; nothing else happens here.
 
-Runs on an embedded `ray.init()` (local mode, CPU or one GPU) or on a cluster (`ray job submit`,
-RAY_ADDRESS set). A run lives at `run.storage/<run name>`: re-running with the same name resumes
-from its latest checkpoint.
+Runs on an embedded Ray (local mode, CPU or one GPU) or on a cluster (`ray job submit`, RAY_ADDRESS
+set, or `--address`); see `ray_runtime`. A run lives at `run.storage/<run name>`: re-running with the
+same name resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from vistralv_ray.config.schema import Config
 from vistralv_ray.data import storage
 from vistralv_ray.data.pipeline import RAY_DATA_ENV
 from vistralv_ray.logging import get_logger
+from vistralv_ray.ray_runtime import cluster_address, init_ray
 from vistralv_ray.training.scaling import lr_plan
 
 log = get_logger(__name__)
@@ -42,7 +43,7 @@ RESUME_SKIP_FILE = "resume_skip_keys.npy"
 
 
 def ensure_ray(cfg: Config) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start an embedded local one sized for this run."""
+    """Join the cluster in RAY_ADDRESS, or start an embedded local one sized for this run."""
     import ray
 
     if ray.is_initialized():
@@ -50,11 +51,11 @@ def ensure_ray(cfg: Config) -> None:
     env = dict(WORKER_ENV)
     if os.environ.get("DS_ACCELERATOR"):
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
-    if os.environ.get("RAY_ADDRESS"):
+    if cluster_address():
         # Under `ray job submit` the job's own runtime env may set these names already; Ray refuses
         # to merge two values of one variable, and the job's choice wins.
         env = {k: v for k, v in env.items() if k not in os.environ}
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        init_ray(runtime_env={"env_vars": env}, log_to_driver=True, what=f"run {cfg.run_name}")
         return
     # A busy small machine can take longer than Ray's default to start its metrics agent.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
@@ -64,7 +65,13 @@ def ensure_ray(cfg: Config) -> None:
     s, d = cfg.scaling, cfg.data
     needed = s.workers * s.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus_per_actor + 1
     cpus = max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, include_dashboard=True, log_to_driver=True)
+    init_ray(
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+        what=f"run {cfg.run_name}",
+        num_cpus=cpus,
+        include_dashboard=True,
+    )
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
