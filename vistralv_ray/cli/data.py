@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from vistralv_ray.cli.options import add_ray_address
+from vistralv_ray.data.layouts import FORMATS, STAGES, VISTA_SUBSETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="convert LLaVA / Vista / caption data into validated Parquet shards")
-    p.add_argument("--format", dest="fmt", required=True, choices=["llava", "vista", "captions"])
-    p.add_argument("--input", required=True, help="JSON, JSON lines or Parquet file")
+    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
+    p.add_argument(
+        "--subset",
+        default=None,
+        choices=list(VISTA_SUBSETS),
+        help="with --format vista: a published Vista subset's columns, image source and placeholder",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a JSON, JSON lines or Parquet file, a directory of such parts, or a quoted glob; local or s3://",
+    )
     p.add_argument("--image-root", default=None, help="directory (or s3:// prefix) the image paths are relative to")
+    p.add_argument(
+        "--image-pattern",
+        default=None,
+        help="image path made from columns, e.g. 'wit/images/{id}.jpg'; a record without them is missing_image",
+    )
+    p.add_argument("--image-column", default=None, help="the column naming (or holding) the image")
+    p.add_argument("--conversation-column", default=None, help="the column holding the conversation")
+    p.add_argument(
+        "--stage", default=None, choices=STAGES, help="the stage the corpus is for (align: warn on text-only records)"
+    )
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix (must not hold shards yet)")
     p.add_argument("--shard-size", type=int, default=2000, help="records per shard (default 2000)")
     p.add_argument("--max-image-pixels", type=int, default=None, help="reject larger images (decompression bombs)")
@@ -20,14 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--serial", action="store_true", help="build shards in this process instead of Ray tasks")
+    add_ray_address(p)
     p.set_defaults(func=prepare)
 
 
 def prepare(args: argparse.Namespace) -> int:
     from vistralv_ray.data.images import DEFAULT_MAX_PIXELS
+    from vistralv_ray.data.layouts import SourceError, get_layout
     from vistralv_ray.data.prepare import PrepareOptions
     from vistralv_ray.data.prepare import prepare as run
 
+    layout_flags = (args.subset, args.image_pattern, args.image_column, args.conversation_column)
+    try:
+        get_layout(args.fmt, *layout_flags)  # a wrong flag fails before a config or model is loaded
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = None
     max_pixels = args.max_image_pixels or DEFAULT_MAX_PIXELS
     if args.config or args.overrides:
@@ -44,10 +76,21 @@ def prepare(args: argparse.Namespace) -> int:
         strict=args.strict,
         model=model,
         fmt=args.fmt,
+        subset=args.subset,
+        image_pattern=args.image_pattern,
+        image_column=args.image_column,
+        conversation_column=args.conversation_column,
+        stage=args.stage,
     )
-    manifest = run(args.input, opts, parallel=False if args.serial else None)
-    summary = {k: manifest[k] for k in ("records_in", "records_out", "rejected")}
+    try:
+        manifest = run(args.input, opts, parallel=False if args.serial else None)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = ("records_in", "records_out", "records_with_image", "records_text_only", "rejected")
+    summary = {k: manifest[k] for k in keys}
+    summary["parts"] = len(manifest["parts"])
     summary["shards"] = len(manifest["shards"])
-    print(json.dumps(summary, ensure_ascii=False))
+    print(json.dumps(summary, ensure_ascii=False))  # prepare has logged its warnings (also in the manifest)
     print(f"shards, manifest.json and rejected.jsonl in {args.out}")
     return 0

@@ -20,9 +20,11 @@ import pyarrow.parquet as pq
 from vistralv_ray.config.schema import ModelConfig
 from vistralv_ray.data import storage
 from vistralv_ray.data.images import DEFAULT_MAX_PIXELS, normalise_encoding, verify_image
-from vistralv_ray.data.sources import read_records
+from vistralv_ray.data.layouts import get_layout
+from vistralv_ray.data.sources import SourceReader
 from vistralv_ray.errors import RecordError
 from vistralv_ray.logging import get_logger
+from vistralv_ray.ray_runtime import init_ray
 from vistralv_ray.text.conversation import normalize_messages
 
 log = get_logger(__name__)
@@ -52,6 +54,13 @@ class PrepareOptions:
     # When set, sequences are tokenized to reject those over max_length once image tokens expand.
     model: ModelConfig | None = None
     fmt: str = "llava"
+    # Where the rows keep conversation and image (data/layouts.py): a Vista subset preset, then flags.
+    subset: str | None = None
+    image_pattern: str | None = None
+    image_column: str | None = None
+    conversation_column: str | None = None
+    # The stage the corpus is for, when the format does not say (captions and align subsets do).
+    stage: str | None = None
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ShardResult:
     name: str | None
     records: int
     rejected: list[dict] = field(default_factory=list)
+    with_image: int = 0
 
 
 def resolve_image_path(image_root: str | None, name: str) -> str:
@@ -128,6 +138,7 @@ def build_shard(records: list[dict], index: int, opts: PrepareOptions) -> ShardR
             if opts.strict:
                 raise
             rejected.append({"id": e.record_id, "reason": e.reason, "detail": e.detail})
+    with_image = sum(row["image"] is not None for row in rows)
     if not rows:
         return ShardResult(None, 0, rejected)
     name = f"part-{index:05d}.parquet"
@@ -135,7 +146,7 @@ def build_shard(records: list[dict], index: int, opts: PrepareOptions) -> ShardR
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=SHARD_ROW_GROUP_ROWS)
     storage.write_bytes(storage.join(opts.out, name), buf.getvalue())
-    return ShardResult(name, len(rows), rejected)
+    return ShardResult(name, len(rows), rejected, with_image)
 
 
 def _chunks(records, size):
@@ -156,7 +167,9 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
     if opts.shard_size < 1:
         raise ValueError("--shard-size must be >= 1")
     started = time.time()
-    chunks = list(_chunks(read_records(input_path, opts.fmt), opts.shard_size))
+    layout = get_layout(opts.fmt, opts.subset, opts.image_pattern, opts.image_column, opts.conversation_column)
+    reader = SourceReader(input_path, opts.fmt, layout)
+    chunks = list(_chunks(reader, opts.shard_size))
     records_in = sum(len(c) for c in chunks)
     if parallel is None:
         parallel = len(chunks) > 1
@@ -172,18 +185,30 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
             raise
     rejected = [r for res in results for r in res.rejected]
     shards = [{"name": r.name, "records": r.records} for r in results if r.name]
+    records_out = sum(s["records"] for s in shards)
+    with_image = sum(r.with_image for r in results)
+    stage = opts.stage or layout.stage
     manifest = {
         "format": opts.fmt,
+        "subset": opts.subset,
+        "image_pattern": layout.image_pattern,
+        "stage": stage,
         "input": str(input_path),
+        "parts": [{"path": p, "records": reader.records_per_part[p]} for p in reader.parts],
         "image_root": opts.image_root,
         "records_in": records_in,
-        "records_out": sum(s["records"] for s in shards),
+        "records_out": records_out,
+        "records_with_image": with_image,
+        "records_text_only": records_out - with_image,
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "shards": shards,
         "max_image_pixels": opts.max_pixels,
         "max_length_checked": opts.model.max_length if opts.model else None,
         "seconds": round(time.time() - started, 2),
     }
+    manifest["warnings"] = _warnings(manifest)
+    for warning in manifest["warnings"]:
+        log.warning("%s", warning)
     assert manifest["records_out"] + len(rejected) == records_in, "a record went missing"
     storage.write_bytes(
         storage.join(opts.out, REJECTED),
@@ -193,12 +218,28 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
     return manifest
 
 
+def _warnings(manifest: dict) -> list[str]:
+    """What a person should look at before training on these shards."""
+    warnings = []
+    if manifest["stage"] == "align" and manifest["records_text_only"]:
+        # Alignment trains the projector on images only: a text-only record teaches it nothing.
+        warnings.append(
+            f"{manifest['records_text_only']} of {manifest['records_out']} records of this align corpus have no image"
+        )
+    missing = manifest["rejected"].get("missing_image", 0)
+    if missing * 2 > manifest["records_in"]:
+        warnings.append(
+            f"{missing} of {manifest['records_in']} records were rejected for a missing image: "
+            f"is --image-root ({manifest['image_root']}) the folder their paths are relative to?"
+        )
+    return warnings
+
+
 def _run_parallel(chunks: list[list[dict]], opts: PrepareOptions, progress: bool) -> list[ShardResult]:
     import ray
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False)
+    init_ray(what="prepare", include_dashboard=False)
     task = ray.remote(num_cpus=1)(build_shard)
     pending = {task.remote(chunk, i, opts): i for i, chunk in enumerate(chunks)}
     results: dict[int, ShardResult] = {}

@@ -1,71 +1,126 @@
 """Source formats -> one record shape: `{"id", "image" (relative path or None), "turns"}`, plus
 `image_bytes` where the source embeds the image itself (HF datasets' `{"bytes", "path"}`).
 
-Formats: `llava` (LLaVA JSON or JSON lines), `vista` (Vista-style Parquet / JSON lines rows with a
-conversation list and an image file name), `captions` (image + caption pairs, WIT / ShareGPT4V
-style, turned into one-turn "describe the image" conversations). Reading never drops a record: a
-row that cannot be understood becomes a record with an `error` (and a `reason`, `malformed_record`
-unless said) that `prepare` rejects and counts.
+Formats: `llava` (LLaVA JSON or JSON lines), `vista` (Vista Parquet / JSON lines rows with a
+conversation list and an image; `data/layouts.py` holds the conventions of each published subset),
+`captions` (image + caption pairs, WIT / ShareGPT4V style, turned into one-turn "describe the image"
+conversations). An input is a file, a directory of parts or a glob, local or `s3://`; parts are
+read in sorted order. Reading never drops a record: a row that cannot be understood becomes a record
+with an `error` (and a `reason`, `malformed_record` unless said) that `prepare` rejects and counts.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import re
+import unicodedata
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vistralv_ray.data import storage
 from vistralv_ray.data.demo import DESCRIBE_INSTRUCTIONS
+from vistralv_ray.data.layouts import CAPTION_COLUMNS, FORMATS, RowLayout, SourceError, get_layout
+from vistralv_ray.text.templates import IMAGE_TOKEN
 
-FORMATS = ("llava", "vista", "captions")
+__all__ = ["FORMATS", "SourceError", "SourceReader", "list_parts", "read_records"]
 
-_CONVERSATION_KEYS = ("conversations", "conversation", "messages")
-_IMAGE_KEYS = ("image", "image_name", "file_name", "image_path", "image_file")
-_CAPTION_KEYS = ("caption", "text", "caption_reference_description", "caption_attribution_description")
+PART_SUFFIXES = (".parquet", ".json", ".jsonl", ".ndjson")
+# HF dataset folders name parts `<split>-00000-of-00002.parquet`; one directory may hold several splits.
+_SPLIT_PREFIX = re.compile(r"^(train|validation|valid|val|test|dev)(?=[-_.])", re.IGNORECASE)
 
 
-def _rows(path: Path) -> Iterator[object]:
-    """Rows of a JSON array, a JSON lines file or a Parquet file."""
-    suffix = path.suffix.lower()
+def list_parts(input_path: str | Path) -> list[str]:
+    """The data files of `--input` in reading order: a file, a directory's parts or a glob's matches."""
+    uri = str(input_path)
+    if storage.is_glob(uri) and not storage.exists(uri):
+        parts = [p for p in storage.glob(uri) if p.lower().endswith(PART_SUFFIXES)]
+        if not parts:
+            raise FileNotFoundError(f"--input: no {'/'.join(PART_SUFFIXES)} file matches {uri}")
+        return parts
+    fs, path = storage.filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"--input: {uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return [uri if storage.is_s3(uri) else path]
+    parts = [p for p in storage.list_dir(uri) if p.lower().endswith(PART_SUFFIXES)]
+    if not parts:
+        raise FileNotFoundError(f"--input: {uri} holds no {'/'.join(PART_SUFFIXES)} file (sub-folders are not read)")
+    splits = sorted({m.group(1).lower() for p in parts if (m := _SPLIT_PREFIX.match(posixpath.basename(p)))})
+    if len(splits) > 1:
+        # Reading them all would train on the validation split without a word.
+        split = "train" if "train" in splits else splits[0]
+        example = storage.join(uri, f"{split}-*{posixpath.splitext(parts[0])[1]}")
+        raise SourceError(f"--input: {uri} holds parts of several splits ({', '.join(splits)}); pass one: {example!r}")
+    return parts
+
+
+def _rows(uri: str) -> Iterator[object]:
+    """Rows of a JSON array, a JSON lines file or a Parquet file, local or on S3."""
+    suffix = posixpath.splitext(uri)[1].lower()
     if suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            yield from batch.to_pylist()
+        fs, path = storage.filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
         return
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield {"__error__": f"line {line_no} is not JSON: {e.msg}", "__line__": line_no}
+        if storage.is_s3(uri):
+            yield from _json_lines(storage.read_bytes(uri).decode("utf-8").splitlines())
+        else:
+            with Path(uri).open(encoding="utf-8") as f:
+                yield from _json_lines(f)
         return
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(storage.read_bytes(uri))
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records (LLaVA format)")
+        raise SourceError(f"{uri}: expected a JSON array of records (LLaVA format)")
     yield from data
+
+
+def _json_lines(lines) -> Iterator[object]:
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            yield {"__error__": f"line {line_no} is not JSON: {e.msg}", "__line__": line_no}
+
+
+def _plain(value):
+    """Python lists for what readers other than ours hand over: numpy arrays (pandas), pyarrow scalars."""
+    if hasattr(value, "as_py"):
+        return value.as_py()
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _first(row: dict, keys: tuple[str, ...]):
     for key in keys:
         if row.get(key) is not None:
-            return row[key]
+            return _plain(row[key])
     return None
 
 
-def _record_id(row: object, index: int) -> str:
-    if isinstance(row, dict) and row.get("id") not in (None, ""):
-        return str(row["id"])
-    return f"row-{index}"
+def _missing_image(rid: str, detail: str) -> dict:
+    return {"id": rid, "error": detail, "reason": "missing_image"}
 
 
-def _image_fields(row: dict, rid: str) -> dict:
-    """`image` (a name under the image root), `image_bytes` (embedded), or an `error` for a record
-    with several images (one image per record is what the model takes)."""
-    image = _first(row, _IMAGE_KEYS)
+def _image_fields(row: dict, rid: str, layout: RowLayout) -> dict:
+    """`image` (a name under the image root), `image_bytes` (embedded), or an `error`: several images
+    (one image per record is what the model takes), or no image where the layout says there is one."""
+    if layout.image_pattern:
+        absent = [c for c in layout.pattern_columns if row.get(c) in (None, "")]
+        if absent:
+            return _missing_image(rid, f"--image-pattern {layout.image_pattern!r}: no value in column {absent[0]!r}")
+        return {"image": layout.image_pattern.format(**{c: str(row[c]) for c in layout.pattern_columns})}
+    image = _first(row, layout.image_columns)
     if isinstance(image, list):
         if len(image) > 1:
             return {"id": rid, "error": f"{len(image)} images in one record; one image per record is supported"}
@@ -77,18 +132,53 @@ def _image_fields(row: dict, rid: str) -> dict:
         image = image.get("path")
     if isinstance(image, (bytes, bytearray)):
         return {"image": f"{rid}.embedded", "image_bytes": bytes(image)}
-    return {"image": None if image in (None, "") else str(image)}
+    if image not in (None, ""):
+        return {"image": str(image)}
+    # A named but empty image field is a record that lost its image, not a text-only record.
+    if layout.image_required or any(k in row and row[k] is not None for k in layout.image_columns):
+        columns = ", ".join(layout.image_columns)
+        return _missing_image(rid, f"no image in column(s) {columns} (row has: {', '.join(map(str, row))})")
+    return {"image": None}
 
 
-def _caption_record(row: dict, rid: str) -> dict:
-    caption = _first(row, _CAPTION_KEYS)
+def _placeholder_regex(placeholders: tuple[str, ...]) -> re.Pattern | None:
+    # Both Unicode forms: `ả` may come precomposed or as `a` + a combining hook above.
+    forms = {unicodedata.normalize(f, p) for p in placeholders for f in ("NFC", "NFD")}
+    return re.compile("|".join(map(re.escape, sorted(forms))), re.IGNORECASE) if forms else None
+
+
+def _replace_placeholders(turns: list, regex: re.Pattern) -> list:
+    return [
+        {k: regex.sub(IMAGE_TOKEN, v) if k in ("content", "value") and isinstance(v, str) else v for k, v in t.items()}
+        if isinstance(t, dict)
+        else t
+        for t in turns
+    ]
+
+
+def _conversation_record(row: dict, rid: str, layout: RowLayout, placeholders: re.Pattern | None) -> dict:
+    turns = _first(row, layout.conversation_columns)
+    if isinstance(turns, str):  # some exports store the conversation as a JSON string
+        try:
+            turns = _plain(json.loads(turns))
+        except json.JSONDecodeError:
+            turns = None
+    if not isinstance(turns, list):
+        wanted, has = ", ".join(layout.conversation_columns), ", ".join(map(str, row))
+        return {"id": rid, "error": f"no conversation list in column(s) {wanted} (row has: {has})"}
+    if placeholders is not None:
+        turns = _replace_placeholders(turns, placeholders)
+    image = _image_fields(row, rid, layout)
+    return {"id": rid, **image, "turns": turns} if "error" not in image else image
+
+
+def _caption_record(row: dict, rid: str, layout: RowLayout) -> dict:
+    caption = _first(row, CAPTION_COLUMNS)
     if not isinstance(caption, str):
-        return {"id": rid, "error": "no caption field (one of: " + ", ".join(_CAPTION_KEYS) + ")"}
-    image = _image_fields(row, rid)
+        return {"id": rid, "error": "no caption field (one of: " + ", ".join(CAPTION_COLUMNS) + ")"}
+    image = _image_fields(row, rid, layout)
     if "error" in image:
         return image
-    if image["image"] is None:
-        return {"id": rid, "error": f"no image field (one of: {', '.join(_IMAGE_KEYS)})", "reason": "missing_image"}
     # A stable, varied instruction per record: the same input always gives the same shards.
     instruction = DESCRIBE_INSTRUCTIONS[zlib.crc32(rid.encode()) % len(DESCRIBE_INSTRUCTIONS)]
     return {
@@ -98,30 +188,59 @@ def _caption_record(row: dict, rid: str) -> dict:
     }
 
 
-def read_records(path: str | Path, fmt: str) -> Iterator[dict]:
+class SourceReader:
+    """Every row of every part as a record, in order; after reading, `records_per_part` counts them.
+
+    A row without an id gets `row-N` (its index in its part), prefixed with the part's name when
+    there are several parts, so ids stay unique across parts.
+    """
+
+    def __init__(self, input_path: str | Path, fmt: str, layout: RowLayout | None = None):
+        if fmt not in FORMATS:
+            raise SourceError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.layout = layout or get_layout(fmt)
+        self.parts = list_parts(input_path)
+        self.records_per_part: dict[str, int] = {}
+
+    def _labels(self) -> list[str]:
+        if len(self.parts) == 1:
+            return [""]
+        names = [posixpath.basename(p) for p in self.parts]
+        return [f"{n}:" for n in (names if len(set(names)) == len(names) else self.parts)]
+
+    def __iter__(self) -> Iterator[dict]:
+        placeholders = _placeholder_regex(self.layout.placeholders)
+        wanted = set(self.layout.pattern_columns)
+        seen: set[str] = set()
+        columns: list[str] = []  # of the first row, to say what the input has instead
+        for part, label in zip(self.parts, self._labels()):
+            count = 0
+            for index, row in enumerate(_rows(part)):
+                count += 1
+                rid = f"{label}row-{index}"
+                if isinstance(row, dict) and row.get("id") not in (None, ""):
+                    rid = str(row["id"])
+                if not isinstance(row, dict):
+                    yield {"id": rid, "error": "record is not a mapping"}
+                    continue
+                seen.update(wanted & row.keys())
+                columns = columns or list(map(str, row))
+                if "__error__" in row:
+                    yield {"id": rid, "error": row["__error__"]}
+                elif self.fmt == "captions":
+                    yield _caption_record(row, rid, self.layout)
+                else:
+                    yield _conversation_record(row, rid, self.layout, placeholders)
+            self.records_per_part[part] = count
+        if wanted - seen and columns:
+            # Every record would be rejected for the same reason: that is a wrong flag, not bad data.
+            raise SourceError(
+                f"--image-pattern {self.layout.image_pattern!r}: column {sorted(wanted - seen)[0]!r} "
+                f"is in no row of the input (its rows have: {', '.join(columns)})"
+            )
+
+
+def read_records(path: str | Path, fmt: str, layout: RowLayout | None = None) -> Iterator[dict]:
     """Every input row as a record; unreadable rows carry `error` instead of `turns`."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input: {path} does not exist")
-    for index, row in enumerate(_rows(path)):
-        rid = _record_id(row, index)
-        if not isinstance(row, dict):
-            yield {"id": rid, "error": "record is not a mapping"}
-        elif "__error__" in row:
-            yield {"id": rid, "error": row["__error__"]}
-        elif fmt == "captions":
-            yield _caption_record(row, rid)
-        else:
-            turns = _first(row, _CONVERSATION_KEYS)
-            if isinstance(turns, str):  # some exports store the conversation as a JSON string
-                try:
-                    turns = json.loads(turns)
-                except json.JSONDecodeError:
-                    turns = None
-            if not isinstance(turns, list):
-                yield {"id": rid, "error": "no conversation list (one of: " + ", ".join(_CONVERSATION_KEYS) + ")"}
-                continue
-            image = _image_fields(row, rid)
-            yield {"id": rid, **image, "turns": turns} if "error" not in image else image
+    yield from SourceReader(path, fmt, layout)

@@ -6,7 +6,10 @@ Credentials, region and endpoint come from the standard AWS environment variable
 
 from __future__ import annotations
 
+import fnmatch
+import glob as globlib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -82,3 +85,51 @@ def list_parquet(uris: list[str]) -> list[str]:
         prefix = "s3://" if is_s3(uri) else ""
         out += [prefix + f for f in files]
     return out
+
+
+def is_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+def list_dir(uri: str) -> list[str]:
+    """The files directly in a directory (not in its sub-folders, not hidden), sorted."""
+    fs, path = filesystem_for(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    # As the shell and Python's glob read it: `*` and `?` stay within a folder, `**/` spans folders.
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            end = pattern.find("]", i + 1) if pattern[i] == "[" else -1
+            out.append(fnmatch.translate(pattern[i : end + 1])[4:-3] if end > 0 else re.escape(pattern[i]))
+            i = end + 1 if end > 0 else i + 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob (`**/` spans folders), local or s3://, sorted."""
+    if not is_s3(pattern):
+        matches = globlib.glob(os.path.expanduser(pattern), recursive=True)
+        return sorted(str(Path(m).resolve()) for m in matches if Path(m).is_file())
+    # S3 has no glob: list everything under the fixed part of the pattern, then match whole keys.
+    fixed = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)].rsplit("/", 1)[0]
+    fs, path = filesystem_for(fixed)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    regex = _glob_regex(pattern[len("s3://") :])
+    return sorted("s3://" + i.path for i in infos if i.type == pafs.FileType.File and regex.match(i.path))
