@@ -20,7 +20,7 @@ def test_lora_run_exports_merged_evaluates_and_chats(
 ):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vistralv_ray.inference.chat import ChatSession, run_chat
+    from vistralv_ray.inference.chat import ChatSession, load_image, run_chat
     from vistralv_ray.inference.evaluate import evaluate
     from vistralv_ray.inference.export import export
     from vistralv_ray.inference.models import answer_matches, load_model
@@ -63,7 +63,10 @@ def test_lora_run_exports_merged_evaluates_and_chats(
     with torch.no_grad():
         logits = model(**model_kwargs(probe["batch"], torch.float32)).logits
     torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
-    assert AutoProcessor.from_pretrained(str(out)).chat_template is not None
+    processor = AutoProcessor.from_pretrained(str(out))
+    assert processor.tokenizer.padding_side == "left"  # batched generate in plain transformers
+    assert model.generation_config.max_new_tokens >= 256
+    assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
 
     metrics = evaluate(out, str(demo_corpus["eval"]), tmp_path / "eval", limit=4, batch_size=2, max_new_tokens=6)
     lines = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -72,6 +75,7 @@ def test_lora_run_exports_merged_evaluates_and_chats(
     assert {line["id"] for line in lines} == {r["id"] for r in records}
     assert all(set(line) >= {"question", "reference", "prediction", "blank_prediction"} for line in lines)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["blank_image_questions"] == saved["short_answer_questions"] == len(lines)
     assert 0 < saved["loss"] < 20 and saved["perplexity"] == pytest.approx(math.exp(saved["loss"]))
     # The accuracies are those of the written predictions (all demo answers are short).
     assert saved["accuracy"] == pytest.approx(mean(answer_matches(x["reference"], x["prediction"]) for x in lines))
@@ -93,9 +97,7 @@ def test_lora_run_exports_merged_evaluates_and_chats(
     lines = [json.loads(x) for x in (tmp_path / "eval2" / "predictions.jsonl").read_text().splitlines()]
     assert {line["id"] for line in lines} == {rows[0]["id"]}
 
-    from PIL import Image
-
-    session = ChatSession(load_model(out, "cpu"), image=Image.open(demo_corpus["images"] / "eval_00000.jpg"))
+    session = ChatSession(load_model(out, "cpu"), image=load_image(demo_corpus["images"] / "eval_00000.jpg"))
     pieces: list[str] = []
     run_chat(session, "Hình trong ảnh có màu gì?", pieces.append, max_new_tokens=5)
     assert [m["role"] for m in session.messages] == ["user", "assistant"]

@@ -38,7 +38,7 @@ def test_questions_of_keeps_earlier_answers_as_history():
     assert [(len(p), q, a) for p, q, a in out] == [(1, "Màu gì?", "Màu đỏ."), (3, "Mấy hình?", "Hai.")]
 
 
-def test_summarize_counts_short_answers_and_blank_accuracy_over_image_questions():
+def test_summarize_counts_blank_accuracy_over_the_questions_accuracy_counts():
     rows = [
         {
             "reference": "Màu đỏ.",
@@ -59,7 +59,7 @@ def test_summarize_counts_short_answers_and_blank_accuracy_over_image_questions(
         {
             "reference": "Hà Nội.",
             "prediction": "Hà Nội.",
-            "blank_prediction": None,
+            "blank_prediction": "Hà Nội.",  # no image to blank: the predictor keeps its answer
             "has_image": False,
             "loss_sum": 3.0,
             "loss_tokens": 3,
@@ -76,7 +76,8 @@ def test_summarize_counts_short_answers_and_blank_accuracy_over_image_questions(
     m = summarize(rows, {"missing_image": 1})
     assert m["questions"] == 4 and m["short_answer_questions"] == 3
     assert m["accuracy"] == pytest.approx(2 / 3)
-    assert m["blank_image_accuracy"] == pytest.approx(1 / 2)
+    assert m["blank_image_questions"] == 3 and m["blank_image_replaced"] == 2
+    assert m["blank_image_accuracy"] == pytest.approx(2 / 3)
     assert m["loss"] == pytest.approx(9.0 / 6) and m["perplexity"] == pytest.approx(np.exp(1.5))
     assert m["rejected"] == {"missing_image": 1}
 

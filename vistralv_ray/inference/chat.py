@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from PIL import Image
+
+from vistralv_ray.data.images import open_checked, to_rgb
 from vistralv_ray.inference.models import LoadedModel, generation_kwargs, model_inputs
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image as training saw it: checked, EXIF orientation applied, transparency over white, RGB
+    (training's own functions: a phone photo tagged "rotate 90" must not reach the model sideways)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--image: {path} does not exist")
+    image = to_rgb(open_checked(path.read_bytes()))
+    image.load()
+    return image
 
 
 class ChatSession:

@@ -2,8 +2,10 @@
 
 Model actors (`map_batches` with an actor pool, one GPU each when there are GPUs) load the exported
 model with plain transformers and, for every record, compute the teacher-forced loss of its answers
-and answer each of its questions twice: with the real image and with a blank one. Accuracy with
-blank images shows how much the model really looks at the image.
+and answer each of its questions with the real image. Every question that accuracy counts is asked
+again with a blank image in place of its own (a question without an image keeps its answer: there is
+nothing to blank): accuracy against blank-image accuracy on the same questions shows how much the model
+really looks at the image. Prompts end with the template's generation prompt, as a user's would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from vistralv_ray.errors import RecordError
 from vistralv_ray.logging import get_logger
+from vistralv_ray.ray_runtime import init_ray
 
 log = get_logger(__name__)
 
@@ -97,6 +100,11 @@ def _messages(value) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def is_short_answer(reference: str) -> bool:
+    """Whether a question counts towards accuracy (and so towards its blank-image control)."""
+    return len(str(reference).split()) <= SHORT_ANSWER_WORDS
+
+
 def questions_of(messages: list[dict]) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, question, reference answer) for every assistant turn, earlier answers as history."""
     out = []
@@ -144,7 +152,7 @@ class EvalPredictor:
                 "reject_reason",
             )
         }
-        prompts, images, asked = [], [], []
+        prompts, images, asked, counted = [], [], [], []
         for rid, image_bytes, raw_messages in zip(batch["id"], batch["image"], batch["messages"], strict=True):
             image, loss_sum, loss_tokens = None, 0.0, 0
             try:
@@ -152,7 +160,7 @@ class EvalPredictor:
                 messages = normalize_messages(_messages(raw_messages), has_image=image is not None)
                 loss_sum, loss_tokens = self.answer_loss(messages, image)
                 record_prompts = [
-                    (turn, question, reference, self.loaded.processor.apply_chat_template(prompt, tokenize=False))
+                    (turn, question, reference, self.prompt(prompt))
                     for turn, (prompt, question, reference) in enumerate(questions_of(messages))
                 ]
             except RecordError as e:  # counted in metrics.json, never a crash of the whole eval
@@ -171,17 +179,27 @@ class EvalPredictor:
                 rows["reject_reason"].append(reason)
                 if prompt is not None:
                     asked.append(len(rows["id"]) - 1)
+                    counted.append(is_short_answer(reference))
                     prompts.append(prompt)
                     images.append(image)
         rows["prediction"] = [""] * len(rows["id"])
         rows["blank_prediction"] = [None] * len(rows["id"])
         for i, text in zip(asked, self.answer(prompts, images), strict=True):
             rows["prediction"][i] = text
-        with_image = [k for k, im in enumerate(images) if im is not None]
+        # The control asks exactly the questions accuracy counts, each with its own prompt.
+        with_image = [k for k, im in enumerate(images) if im is not None and counted[k]]
         blank_answers = self.answer([prompts[k] for k in with_image], [self.blank] * len(with_image))
         for k, text in zip(with_image, blank_answers, strict=True):
             rows["blank_prediction"][asked[k]] = text
+        for k, im in enumerate(images):
+            if im is None and counted[k]:  # no image to blank: the same prompt, the same greedy answer
+                rows["blank_prediction"][asked[k]] = rows["prediction"][asked[k]]
         return rows
+
+    def prompt(self, messages: list[dict]) -> str:
+        """The rendered conversation up to a question, ending where the answer starts (for a `native`
+        template, its assistant header: the generation prompt)."""
+        return self.loaded.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
     def answer(self, prompts: list[str], images: list) -> list[str]:
@@ -231,7 +249,7 @@ def evaluate(
         from vistralv_ray.data.pipeline import apply_ray_data_env
 
         apply_ray_data_env()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        init_ray(what="eval", num_cpus=os.cpu_count(), include_dashboard=False)
     ds, n_records, rejected = eval_dataset(data, image_root, batch_size, limit)
     if ds is None or n_records == 0:
         raise ValueError(f"--data: no usable records in {data} (rejected: {rejected})")
@@ -278,13 +296,16 @@ def summarize(rows: list[dict], rejected: dict[str, int]) -> dict:
     loss_sum = sum(float(r["loss_sum"]) for r in rows)
     tokens = sum(int(r["loss_tokens"]) for r in rows)
     loss = loss_sum / tokens if tokens else float("nan")
-    short = [r for r in rows if len(str(r["reference"]).split()) <= SHORT_ANSWER_WORDS]
-    blank_set = [r for r in short if r["has_image"]]
+    short = [r for r in rows if is_short_answer(r["reference"])]
+    # Counted from what the control really answered: a question it missed shows as a count below accuracy's.
+    blank_set = [r for r in short if r["blank_prediction"] is not None]
     correct = sum(answer_matches(r["reference"], r["prediction"]) for r in short)
-    blank_correct = sum(answer_matches(r["reference"], r["blank_prediction"] or "") for r in blank_set)
+    blank_correct = sum(answer_matches(r["reference"], r["blank_prediction"]) for r in blank_set)
     return {
         "questions": len(rows),
         "short_answer_questions": len(short),
+        "blank_image_questions": len(blank_set),
+        "blank_image_replaced": sum(bool(r["has_image"]) for r in blank_set),
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)) if tokens else float("nan"),
         "answer_tokens": tokens,

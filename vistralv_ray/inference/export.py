@@ -4,7 +4,9 @@ A checkpoint holds DeepSpeed shards of the trainable parameters only (ZeRO 2 or 
 config and the tokenizer. Export rebuilds the model from the same recipe (frozen parts come from
 their own `from_pretrained`), puts the gathered fp32 weights in, merges LoRA adapters, and writes
 `LlavaForConditionalGeneration` + tokenizer + image processor + `LlavaProcessor` carrying the chat
-template of training. The result loads with transformers alone.
+template of training. The result loads with transformers alone and generates as it should there: the
+tokenizer pads on the left, and `generation_config.json` holds the language model's own settings with
+our tokenizer's ids and room for a whole answer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ log = get_logger(__name__)
 
 EXPORT_INFO_FILE = "vistralv_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Without it `generate()` stops after transformers' default of 20 new tokens, mid-sentence.
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 @dataclass
@@ -156,6 +160,49 @@ def resolve_dtype(requested: str, precision: str) -> torch.dtype:
     return DTYPES[requested]
 
 
+def tokenizer_for_generation(tokenizer):
+    """The tokenizer, padding on the left from now on and in what it saves: batched `generate` appends
+    every answer on the right, so the prompts must end where the answers start."""
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # what `save_pretrained` writes to tokenizer_config.json
+    return tokenizer
+
+
+def build_generation_config(language_model: str, tokenizer):
+    """The language model's own generation settings (its generation_config.json, if it has one) with the
+    ids of our tokenizer and `max_new_tokens` for a whole answer (kept where the language model sets it)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(language_model)
+    except OSError:  # no generation_config.json: transformers' defaults
+        log.info("%s has no generation_config.json: exporting transformers' defaults", language_model)
+        config = GenerationConfig()
+    # Training ends every answer with the tokenizer's EOS; other stop ids of the language model stay.
+    own = config.eos_token_id
+    others = [own] if isinstance(own, int) else list(own or [])
+    eos = [tokenizer.eos_token_id] + [i for i in others if i != tokenizer.eos_token_id]
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    config.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.max_new_tokens is None:
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    config._from_model_config = False  # it is the export's own now, not derived from config.json
+    return config
+
+
+def save_export(
+    model: torch.nn.Module, tokenizer, chat_template: str, cfg: Config, out: Path, max_shard_size="5GB"
+) -> None:
+    """Write model, tokenizer, processor and generation config of a trained (or assembled) model to OUT."""
+    model.config.use_cache = True
+    model.generation_config = build_generation_config(cfg.model.language_model, tokenizer)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer = tokenizer_for_generation(tokenizer)
+    tokenizer.save_pretrained(out)
+    build_processor(cfg, tokenizer, chat_template, model.config.vision_config).save_pretrained(out)
+
+
 def export(source: str, out: str | Path, dtype: str = "auto", overwrite: bool = False, max_shard_size="5GB") -> Path:
     """Write the Hugging Face directory of a run's latest checkpoint (or the given checkpoint) to OUT."""
     out = Path(out).expanduser()
@@ -167,15 +214,9 @@ def export(source: str, out: str | Path, dtype: str = "auto", overwrite: bool = 
         model, assembled = trained_model(ckpt)
         target_dtype = resolve_dtype(dtype, ckpt.precision)
         model.to(target_dtype)
-        model.config.use_cache = True
-        model.generation_config.eos_token_id = assembled.tokenizer.eos_token_id
-        model.generation_config.pad_token_id = assembled.tokenizer.pad_token_id
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        assembled.tokenizer.save_pretrained(tmp)
-        vision_config = model.config.vision_config
-        build_processor(ckpt.config, assembled.tokenizer, assembled.chat_template, vision_config).save_pretrained(tmp)
+        save_export(model, assembled.tokenizer, assembled.chat_template, ckpt.config, tmp, max_shard_size)
         info = {
             "source": ckpt.uri,
             "step": ckpt.step,

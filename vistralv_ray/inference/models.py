@@ -79,7 +79,10 @@ def load_model(directory: str | Path, device: str = "auto") -> LoadedModel:
     dtype = "auto" if dev.type == "cuda" else torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(str(directory), dtype=dtype).to(dev).eval()
     processor = AutoProcessor.from_pretrained(str(directory))
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    if processor.tokenizer.padding_side != "left":
+        # Exports made before the tokenizer saved left padding: batched generation needs it.
+        log.warning("%s: the tokenizer pads on the right (an older export); padding on the left", directory)
+        processor.tokenizer.padding_side = "left"
     return LoadedModel(model=model, processor=processor, device=dev)
 
 
