@@ -1,10 +1,20 @@
-"""Submit a recipe to a Ray cluster as a Ray job: this repository's `ray job submit`.
+"""Submit a recipe to a Ray cluster as a Ray job: this repository's `ray job submit`, `stop` and `logs`.
 
-    python jobs/submit.py jobs/finetune.yaml --address http://HEAD:8265 --set scaling.workers=16 [--dry-run] [--follow]
+    python jobs/submit.py jobs/finetune.yaml --address http://HEAD:8265 --set scaling.workers=16 \
+        [--cluster-config cluster/aws-a100.yaml] [--dry-run] [--follow]
+    python jobs/submit.py logs JOB_ID --address http://HEAD:8265 [--follow]
+    python jobs/submit.py stop JOB_ID --address http://HEAD:8265
 
-The recipe and its `--set` overrides are validated here first, so a typo fails before anything is
-uploaded. The repository travels as the job's working_dir; credentials (WANDB_API_KEY, HF_TOKEN,
-AWS_*) are forwarded by name from this shell's environment and their values are never printed.
+The recipe and its `--set` overrides are validated here first, then the preflight checks of a train
+run (vistralv_ray/training/preflight.py: placeholder URIs, unfinished shard folders, `use_gpu: auto`
+on a cluster, resources no node type offers), so a mistake fails before anything is uploaded. The
+repository travels as the job's working_dir; git-ignored paths the recipe names are reported, as Ray
+leaves them out of the upload.
+
+Secrets stay here: a job's runtime_env is shown in full by `ray job list` and the jobs API to anyone
+who can reach the cluster, so only a few non-secret settings (region, W&B entity) are forwarded by
+default. Cloud credentials come from the nodes' roles (instance profile, IRSA); W&B / HF tokens from
+the cluster's own secrets, or from `--env NAME`, an explicit opt-in that warns.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from urllib.parse import urlparse
 
 from vistralv_ray.config import Config, ConfigError, load_config, parse_override
 from vistralv_ray.data.storage import is_s3
+from vistralv_ray.training import preflight as checks
 from vistralv_ray.training.driver import WORKER_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +53,8 @@ WORKING_DIR_EXCLUDES = [
     ".ruff_cache/",
 ]
 
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "HF_TOKEN")
-FORWARDED_PREFIXES = ("AWS_",)
-# AWS_* names that point at profiles or files on this machine: meaningless, or harmful, on the cluster.
-LOCAL_ONLY_ENV = {
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CA_BUNDLE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-}
+# Non-secret settings forwarded when set; anything else only by `--env NAME`.
+FORWARDED_ENV = ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_BASE_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 # The driver sets these in its own ray.init(runtime_env=...); Ray refuses a job whose runtime_env
 # sets the same keys ("Failed to merge the Job's runtime env").
 RESERVED_ENV = set(WORKER_ENV) | {"DS_ACCELERATOR"}
@@ -81,16 +81,26 @@ class Submission:
         }
 
 
-def forwarded_env(environ: dict[str, str], extra: list[str], include_aws: bool = True) -> dict[str, str]:
-    """The caller's credentials and settings that the job needs, by name; unset names are skipped."""
+def forwarded_env(environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+    """The settings the job gets from this shell: FORWARDED_ENV, plus the names opted in with `--env`."""
     bad = sorted(set(extra) & RESERVED_ENV)
     if bad:
         raise ConfigError(f"--env {bad[0]}: the driver sets it itself; Ray would refuse the job's runtime_env")
-    names = {n for n in FORWARDED_ENV if n in environ}
-    if include_aws:
-        names |= {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in LOCAL_ONLY_ENV}
-    names |= {n for n in extra if n in environ}
+    names = {n for n in FORWARDED_ENV if n in environ} | {n for n in extra if n in environ}
     return {n: environ[n] for n in sorted(names - RESERVED_ENV)}
+
+
+def opt_in_warnings(environ: dict[str, str], extra: list[str]) -> list[str]:
+    warnings = []
+    for name in sorted(set(extra)):
+        if name not in environ:
+            warnings.append(f"--env {name}: not set in this shell; nothing forwarded")
+        else:
+            warnings.append(
+                f"--env {name}: its value goes into the job's runtime_env, which `ray job list` and the jobs API "
+                "show in full to anyone who can reach this cluster; prefer a role or a cluster secret"
+            )
+    return warnings
 
 
 def recipe_in_repo(recipe: str | Path) -> str:
@@ -128,16 +138,61 @@ def git_describe() -> str | None:
     return out.stdout.strip() or None
 
 
+def preflight_train(cfg: Config, cluster_config: str | None) -> list[str]:
+    """The driver's preflight checks, run here before anything is uploaded (ConfigError on a mistake).
+
+    Returns the overrides that pin what this side resolved: `scaling.use_gpu: auto` from the node types
+    of `--cluster-config`, since the driver may start before any GPU node is up. Without a cluster
+    config, `auto` is refused: nothing here can tell whether the cluster will have GPUs.
+    """
+    checks.check_placeholders(cfg)
+    # Paths missing here may exist on the cluster's nodes; folders here must be finished outputs.
+    checks.check_local_shards(cfg, base=REPO_ROOT, missing_ok=True)
+    node_types = checks.load_node_types(cluster_config) if cluster_config else None
+    use_gpu = checks.resolve_gpu_from_node_types(cfg, node_types, live_gpus=0, local=False)
+    if node_types is not None:
+        checks.check_resources_fit(cfg, node_types, use_gpu, where=str(cluster_config))
+        if cfg.scaling.use_gpu == "auto":
+            return [f"scaling.use_gpu={str(use_gpu).lower()}"]
+    return []
+
+
+def ignored_paths(cfg: Config, excludes: list[str]) -> list[str]:
+    """Relative local paths of the recipe that the working_dir upload leaves out (git-ignored or excluded)."""
+    candidates = [cfg.model.language_model, cfg.model.vision_tower, *cfg.data.train, *cfg.data.eval]
+    if cfg.model.init_projector_from:
+        candidates.append(cfg.model.init_projector_from)
+    # Hub ids (Viet-Mistral/Vistral-7B-Chat) look relative too; no ignore rule matches them.
+    relative = [c for c in dict.fromkeys(candidates) if c and "://" not in c and not c.startswith(("/", "~"))]
+    if not relative:
+        return []
+    try:
+        out = subprocess.run(
+            ["git", "check-ignore", "--no-index", *relative], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        ignored = set(out.stdout.split())
+    except (OSError, subprocess.TimeoutExpired):
+        ignored = set()
+    tops = {e.strip("/").split("/")[0] for e in excludes if "*" not in e}
+    ignored |= {c for c in relative if Path(c).parts[0] in tops}
+    return [c for c in relative if c in ignored]
+
+
 def build_submission(args: argparse.Namespace, environ: dict[str, str]) -> tuple[Submission, Config]:
     """Validate the recipe with its overrides and assemble the job; raises ConfigError on a bad recipe."""
     overrides = inline_file_overrides(args.overrides)
     cfg = load_config(args.recipe, overrides)
     recipe = recipe_in_repo(args.recipe)
+    env_vars = forwarded_env(environ, args.env)  # before the preflight: a bad --env is the first error
+    if args.command == "train":
+        resolved = preflight_train(cfg, args.cluster_config)
+        if resolved:
+            overrides += resolved
+            cfg = load_config(args.recipe, overrides)
     tokens = ["vistralv-ray", args.command, recipe]
     for text in overrides:
         tokens += ["--set", text]
     runtime_env: dict = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES + args.exclude}
-    env_vars = forwarded_env(environ, args.env, include_aws=not args.no_aws_env)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     metadata = {"recipe": recipe, "run_name": cfg.run_name, "command": args.command}
@@ -246,22 +301,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--command", choices=["train", "plan"], default="train", help="vistralv-ray sub-command to run")
     p.add_argument("--submission-id", default=None, help="default: <run name>-<UTC time>")
-    p.add_argument("--env", action="append", default=[], metavar="NAME", help="also forward this env var")
-    p.add_argument("--no-aws-env", action="store_true", help="do not forward AWS_*: the cluster has its own role")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this env var into the job (opt-in, warns: `ray job list` shows its value to anyone)",
+    )
+    p.add_argument(
+        "--cluster-config",
+        default=None,
+        metavar="YAML",
+        help="the cluster's launcher config or RayJob/RayCluster manifest: resolves scaling.use_gpu=auto from its "
+        "node types and checks that every worker and preprocessing actor fits one of them",
+    )
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="also leave out of the upload")
     p.add_argument("--dry-run", action="store_true", help="print the job as JSON; contact no cluster")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 0 on success")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def build_job_parser(action: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"submit.py {action}", description=f"{action} a submitted job")
+    p.add_argument("job_id", help="the submission id that `submit.py` printed")
+    p.add_argument("--address", default=None, help="job API / dashboard address, e.g. http://HEAD:8265")
+    if action == "logs":
+        p.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 on success")
+    return p
+
+
+def job_action(action: str, argv: list[str]) -> int:
+    """`stop JOB_ID` and `logs JOB_ID [--follow]`: the same client and token handling as a submission."""
+    args = build_job_parser(action).parse_args(argv)
     try:
-        submission, cfg = build_submission(args, dict(os.environ))
+        client = connect(args.address)
+        if action == "stop":
+            stopped = retry(lambda: client.stop_job(args.job_id), "stop", attempts=3, wait_s=2.0)
+            print(f"job {args.job_id}: {'stop requested' if stopped else 'already ended'}")
+            return 0
+        if args.follow:
+            return follow(client, args.job_id)
+        print(retry(lambda: client.get_job_logs(args.job_id), "logs", attempts=3, wait_s=2.0), end="")
+        return 0
+    except (RuntimeError, OSError) as e:  # unreachable head, unknown job id, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def submit_warnings(
+    args: argparse.Namespace, cfg: Config, submission: Submission, environ: dict[str, str]
+) -> list[str]:
+    warnings = cluster_warnings(cfg, args.address) + opt_in_warnings(environ, args.env)
+    for path in ignored_paths(cfg, WORKING_DIR_EXCLUDES + args.exclude):
+        warnings.append(
+            f"{path} is git-ignored (or excluded): Ray leaves it out of the working_dir upload, so the job will not "
+            "find it; use an s3:// URI or a path that exists on the cluster's nodes"
+        )
+    if (
+        args.command == "train"
+        and cfg.run.wandb == "online"
+        and "WANDB_API_KEY" not in submission.runtime_env.get("env_vars", {})
+    ):
+        warnings.append(
+            "run.wandb=online: WANDB_API_KEY is not forwarded (secrets stay here by default); the run stops at start "
+            "unless the cluster provides it (a Kubernetes secret, the nodes' environment) or you pass "
+            "--env WANDB_API_KEY"
+        )
+    return warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("stop", "logs"):
+        return job_action(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        submission, cfg = build_submission(args, environ)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for warning in cluster_warnings(cfg, args.address):
+    for warning in submit_warnings(args, cfg, submission, environ):
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(json.dumps(submission.describe(), indent=2))
@@ -278,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  entrypoint: {submission.entrypoint}")
     print(f"  forwarded env vars: {forwarded}")
     print(f"  dashboard:  {address}/#/jobs/{job_id}")
-    print(f"  logs:       ray job logs --address {address} --follow {job_id}")
-    print(f"  stop:       ray job stop --address {address} {job_id}")
+    print(f"  logs:       python jobs/submit.py logs {job_id} --address {address} --follow")
+    print(f"  stop:       python jobs/submit.py stop {job_id} --address {address}")
     if not args.follow:
         return 0
     try:

@@ -127,7 +127,7 @@ def test_submitted_plan_job_succeeds(ray_head):
     env = dict(ray_head.env, WANDB_API_KEY="wandb-s3cret-value")
     command = [
         sys.executable, "jobs/submit.py", "jobs/finetune.yaml", "--address", ray_head.address,
-        "--command", "plan", "--set", "scaling.workers=16", "--follow",
+        "--command", "plan", "--set", "scaling.workers=16", "--env", "WANDB_API_KEY", "--follow",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     output = result.stdout + result.stderr
@@ -136,5 +136,7 @@ def test_submitted_plan_job_succeeds(ray_head):
     # The job's own output, streamed back: the override reached the cluster (16 x 16 = 2 x the reference).
     assert "global_batch=256" in result.stdout
     assert "effective_lr=0.0004" in result.stdout
+    # Forwarded only because --env asked for it, with a warning; never printed.
     assert "forwarded env vars: WANDB_API_KEY" in result.stdout
+    assert "--env WANDB_API_KEY: its value goes into the job's runtime_env" in result.stderr
     assert "wandb-s3cret-value" not in output
