@@ -1,0 +1,1 @@
+"""Vietnamese vision-language benchmarks: loaders, official metrics, bootstrap intervals and comparisons."""
