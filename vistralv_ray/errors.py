@@ -8,9 +8,11 @@ REJECT_REASONS = (
     "unreadable_image",
     "image_outside_root",
     "decompression_bomb",
+    "image_too_large",
     "no_assistant_turn",
     "roles_out_of_order",
     "too_many_image_tags",
+    "control_token_in_text",
     "empty_text",
     "too_long",
     "malformed_record",
@@ -30,3 +32,12 @@ class RecordError(ValueError):
 
     def with_id(self, record_id: str) -> RecordError:
         return RecordError(self.reason, self.detail, record_id)
+
+    def __reduce__(self):
+        # Pickled with its fields (a Ray task raises it to the driver), not with the one-string args.
+        return RecordError, (self.reason, self.detail, self.record_id)
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used: access denied, a wrong endpoint, a server that stays unreachable
+    after the retries. Not a record's fault: the command stops instead of rejecting every record."""

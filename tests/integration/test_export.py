@@ -91,7 +91,9 @@ def test_lora_run_exports_merged_evaluates_and_chats(
     rows[1] = {**rows[1], "id": "corrupt", "image": b"not an image"}
     (tmp_path / "eval_shards").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval_shards" / "part-00000.parquet")
-    metrics = evaluate(out, str(tmp_path / "eval_shards"), tmp_path / "eval2", batch_size=2, max_new_tokens=4)
+    # Named as a file: a folder of shards without the manifest `prepare` writes last is refused.
+    shard = str(tmp_path / "eval_shards" / "part-00000.parquet")
+    metrics = evaluate(out, shard, tmp_path / "eval2", batch_size=2, max_new_tokens=4)
     assert metrics["rejected"] == {"unreadable_image": 1} and metrics["records"] == 2
     assert metrics["questions"] == sum(m["role"] == "assistant" for m in rows[0]["messages"])
     lines = [json.loads(x) for x in (tmp_path / "eval2" / "predictions.jsonl").read_text().splitlines()]

@@ -337,3 +337,54 @@ def test_shard_preprocessor_streams_a_shard_and_names_one_it_cannot_read(tmp_pat
     assert all(o["pixel_values"].dtype == np.uint8 and not any(o["reject_reason"]) for o in outs)
     with pytest.raises(OSError, match="bad.parquet: cannot read the shard"):
         list(pre({"uri": np.array([str(bad)], dtype=object)}))
+
+
+def test_rows_sharing_an_id_have_their_own_resume_keys(tmp_path, tiny_model_config):
+    """LLaVA's finetune JSON gives one image's conversations one id: each row is still its own record,
+    and a resumed epoch leaves out exactly the rows it trained, not their id-sharing siblings."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vistralv_ray.data.prepare import SHARD_SCHEMA
+    from vistralv_ray.data.preprocess import PackingCollate, ShardPreprocessor, save_keys
+    from vistralv_ray.data.shards import row_key
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(buf, "JPEG")
+    messages = [{"role": "user", "content": "<image>\nMàu gì?"}, {"role": "assistant", "content": "Màu xanh."}]
+    rows = [{"id": f"img{i // 2}", "image": buf.getvalue(), "messages": messages} for i in range(6)]
+    shard = str(tmp_path / "shard.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), shard)
+    model_cfg = dataclasses.asdict(tiny_model_config)
+
+    outs = list(ShardPreprocessor(model_cfg, 10**8, rows_per_call=4)({"uri": np.array([shard], dtype=object)}))
+    keys = [int(k) for o in outs for k in o["key"]]
+    assert keys == [row_key(shard, r) for r in range(6)] and len(set(keys)) == 6
+    batch = PackingCollate(0, "pack", None)(outs[0])
+    assert batch.sample_ids == ["img0", "img0", "img1", "img1"] and batch.sample_keys == keys[:4]
+
+    skip = str(tmp_path / "skip.npy")
+    save_keys(skip, [row_key(shard, 0), row_key(shard, 3)])  # one conversation of img0, one of img1
+    pre = ShardPreprocessor(model_cfg, 10**8, rows_per_call=4, skip_keys_uri=skip)
+    left = [(str(i), int(k)) for o in pre({"uri": np.array([shard], dtype=object)}) for i, k in zip(o["id"], o["key"])]
+    assert left == [("img0", keys[1]), ("img1", keys[2]), ("img2", keys[4]), ("img2", keys[5])]
+
+
+def test_prepare_reports_duplicate_ids_and_keeps_every_record(tmp_path):
+    from vistralv_ray.data.prepare import PrepareOptions, prepare
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(images / "a.jpg")
+    records = [
+        {"id": rid, "image": "a.jpg", "conversations": [{"from": "human", "value": f"<image>\nCâu {n}?"},
+                                                          {"from": "gpt", "value": "Đỏ."}]}
+        for n, rid in enumerate(["x", "x", "x", "y", "z", "z"])
+    ]  # fmt: skip
+    src = tmp_path / "dup.json"
+    src.write_text(json.dumps(records, ensure_ascii=False))
+    manifest = prepare(src, PrepareOptions(str(images), str(tmp_path / "out")), parallel=False, progress=False)
+    assert manifest["records_out"] == 6
+    assert manifest["duplicate_ids"] == {"ids": 2, "records": 5, "examples": ["x", "z"]}

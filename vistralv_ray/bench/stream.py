@@ -57,10 +57,19 @@ def write_corpus(work: Path, records: int, seed: int) -> tuple[Path, Path]:
 
 def replicate_shards(src: Path, dst: Path, factor: int) -> None:
     """`factor` full copies of every shard: a dataset `factor` times as large, byte for byte."""
+    from vistralv_ray.data.storage import SHARD_MANIFEST
+
     dst.mkdir(parents=True)
+    names = []
     for shard in sorted(src.glob("*.parquet")):
         for copy in range(factor):
-            shutil.copyfile(shard, dst / f"copy{copy:03d}-{shard.name}")
+            names.append(f"copy{copy:03d}-{shard.name}")
+            shutil.copyfile(shard, dst / names[-1])
+    if (src / SHARD_MANIFEST).is_file():
+        # Written last, as `prepare` does: the pipeline takes a shard folder's list from its manifest.
+        records = {s["name"]: s["records"] for s in json.loads((src / SHARD_MANIFEST).read_text())["shards"]}
+        shards = [{"name": n, "records": records[n.split("-", 1)[1]]} for n in names]
+        (dst / SHARD_MANIFEST).write_text(json.dumps({"replicated_from": str(src), "factor": factor, "shards": shards}))
 
 
 def read_progress(path: Path | None) -> int:

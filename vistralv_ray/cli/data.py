@@ -38,7 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix (must not hold shards yet)")
     p.add_argument("--shard-size", type=int, default=2000, help="records per shard (default 2000)")
     p.add_argument("--max-image-pixels", type=int, default=None, help="reject larger images (decompression bombs)")
+    p.add_argument(
+        "--max-image-bytes", type=int, default=None, help="reject larger image files (default 32 MiB)", metavar="N"
+    )
     p.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")
+    p.add_argument(
+        "--max-rejected-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="stop, writing nothing, once more than this fraction of records is rejected: that nearly always "
+        "means a wrong --image-root or --format (default 0.5; 1 never stops)",
+    )
     p.add_argument(
         "--config", default=None, help="run config: also reject sequences over its model.max_length (tokenized)"
     )
@@ -51,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def prepare(args: argparse.Namespace) -> int:
     from vistralv_ray.data.images import DEFAULT_MAX_PIXELS
     from vistralv_ray.data.layouts import SourceError, get_layout
-    from vistralv_ray.data.prepare import PrepareOptions
+    from vistralv_ray.data.prepare import DEFAULT_MAX_IMAGE_BYTES, PrepareOptions, TooManyRejections
     from vistralv_ray.data.prepare import prepare as run
+    from vistralv_ray.errors import StorageError
 
     layout_flags = (args.subset, args.image_pattern, args.image_column, args.conversation_column)
     try:
@@ -81,12 +93,18 @@ def prepare(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         conversation_column=args.conversation_column,
         stage=args.stage,
+        max_image_bytes=args.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
+        max_rejected_fraction=args.max_rejected_fraction,
     )
     try:
         manifest = run(args.input, opts, parallel=False if args.serial else None)
-    except SourceError as e:
+    except (SourceError, ValueError) as e:  # ValueError: an option out of range, or --strict's RecordError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (StorageError, TooManyRejections) as e:
+        # The storage cannot be used, or the input does not fit the flags: nothing was written.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     keys = ("records_in", "records_out", "records_with_image", "records_text_only", "rejected")
     summary = {k: manifest[k] for k in keys}
     summary["parts"] = len(manifest["parts"])

@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from vistralv_ray.config import ConfigError
-    from vistralv_ray.errors import RecordError
+    from vistralv_ray.errors import RecordError, StorageError
     from vistralv_ray.ray_runtime import use_cluster
 
     use_cluster(getattr(args, "address", None))
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RecordError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, RecordError, StorageError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

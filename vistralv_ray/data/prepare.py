@@ -2,13 +2,20 @@
 
 Every input record ends up either in a shard or in `rejected.jsonl` with its reason; the manifest
 counts both. Shards are built by Ray tasks when there is more than one (one task per shard).
+
+The output is complete or absent: `--out` must be new or empty, every file is written whole
+(`storage.write_bytes`), the manifest is written last (training refuses a shard folder without one),
+and a run that fails (a storage fault, `--strict`, too many rejections, an interrupt) removes what it
+wrote. A record never crashes the run: whatever is wrong with it is a rejection with a reason.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,16 +29,17 @@ from vistralv_ray.data import storage
 from vistralv_ray.data.images import DEFAULT_MAX_PIXELS, normalise_encoding, verify_image
 from vistralv_ray.data.layouts import get_layout
 from vistralv_ray.data.sources import SourceReader
-from vistralv_ray.errors import RecordError
+from vistralv_ray.errors import RecordError, StorageError
 from vistralv_ray.logging import get_logger
 from vistralv_ray.ray_runtime import init_ray
 from vistralv_ray.text.conversation import normalize_messages
 
 log = get_logger(__name__)
 
-# Rows per Parquet row group: the preprocessing actors read a shard one row group at a time, so this,
-# not the shard size, bounds what a shard costs them in memory (~25 MB of images at ~100 KB each).
-SHARD_ROW_GROUP_ROWS = 256
+# Rows per Parquet row group: the unit the training pipeline reads and shuffles (`data/shards.py`). An
+# actor holds data.shuffle_row_groups of them at once (16 x 64 rows, ~100 MB of images at ~100 KB each):
+# small groups let those rows come from many places of the corpus.
+SHARD_ROW_GROUP_ROWS = 64
 SHARD_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -40,8 +48,19 @@ SHARD_SCHEMA = pa.schema(
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ]
 )
-MANIFEST = "manifest.json"
+MANIFEST = storage.SHARD_MANIFEST
 REJECTED = "rejected.jsonl"
+# What `prepare` writes into --out (and the temporary names it writes them under): what a failed run removes.
+_OUTPUT_NAME = re.compile(r"^\.?(part-\d{5}\.parquet|rejected\.jsonl|manifest\.json)(\.tmp-[0-9a-f]+)?$")
+# Larger image files are rejected (image_too_large) before they are decoded or copied into a shard.
+DEFAULT_MAX_IMAGE_BYTES = 32 << 20
+# The rejected fraction is judged once this many records are done (or all, if fewer): a few bad
+# records at the start of a good corpus must not stop it.
+MIN_RECORDS_BEFORE_STOPPING = 200
+
+
+class TooManyRejections(RuntimeError):
+    """More records rejected than --max-rejected-fraction allows: nearly always a wrong flag."""
 
 
 @dataclass
@@ -61,6 +80,10 @@ class PrepareOptions:
     conversation_column: str | None = None
     # The stage the corpus is for, when the format does not say (captions and align subsets do).
     stage: str | None = None
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # Stop (and remove the output) once more than this fraction of records is rejected. None: never
+    # (library callers with deliberately messy corpora); the command line sets 0.5 unless told.
+    max_rejected_fraction: float | None = None
 
 
 @dataclass
@@ -73,6 +96,9 @@ class ShardResult:
 
 def resolve_image_path(image_root: str | None, name: str) -> str:
     """The image's path or URI under `image_root`; a name that escapes the root is rejected."""
+    _check_text(name, "image name")
+    if "\x00" in name:  # the OS refuses it (ValueError), S3 would take it as another key
+        raise RecordError("malformed_record", f"image name {name!r:.80} holds a NUL byte")
     if image_root is None:
         raise RecordError("missing_image", f"record names image {name!r} but no --image-root was given")
     if name.startswith(("/", "\\")) or "://" in name or (len(name) > 1 and name[1] == ":"):
@@ -89,16 +115,33 @@ def resolve_image_path(image_root: str | None, name: str) -> str:
     return str(path)
 
 
-def read_image(image_root: str | None, name: str) -> bytes:
+def read_image(image_root: str | None, name: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The image file's bytes. A missing file (S3: a 404) is the record's `missing_image`; storage
+    that cannot be used (StorageError: denied, unreachable after retries) stops the run instead."""
     path = resolve_image_path(image_root, name)
     try:
         if storage.is_s3(path):
-            return storage.read_bytes(path)
-        return Path(path).read_bytes()
+            data = storage.read_bytes(path)
+        else:
+            size = os.stat(path).st_size  # before reading: a 10 GB file is never read into memory
+            if size > max_bytes:
+                raise RecordError("image_too_large", f"image {name!r} is {size:,} bytes > {max_bytes:,}")
+            data = Path(path).read_bytes()
     except FileNotFoundError as e:
         raise RecordError("missing_image", f"image {name!r} not found") from e
     except OSError as e:
         raise RecordError("unreadable_image", f"cannot read image {name!r}: {e}") from e
+    if len(data) > max_bytes:
+        raise RecordError("image_too_large", f"image {name!r} is {len(data):,} bytes > {max_bytes:,}")
+    return data
+
+
+def _check_text(value: str, what: str) -> None:
+    """Text Parquet and JSON can hold: a lone surrogate (JSON's "\\ud800") cannot be written as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("malformed_record", f"{what} is not valid Unicode ({e.reason} at {e.start})") from None
 
 
 def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
@@ -107,11 +150,22 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
     try:
         if "error" in record:
             raise RecordError(record.get("reason", "malformed_record"), record["error"])
+        _check_text(rid, "id")
         name = record.get("image")
         messages = normalize_messages(record["turns"], has_image=name is not None)
+        for i, message in enumerate(messages):
+            _check_text(message["content"], f"turn {i}")
         image = None
         if name is not None:
-            data = record.get("image_bytes") or read_image(opts.image_root, name)
+            data = record.get("image_bytes")
+            if data:
+                _check_text(name, "image name")
+                if len(data) > opts.max_image_bytes:
+                    raise RecordError(
+                        "image_too_large", f"embedded image is {len(data):,} bytes > {opts.max_image_bytes:,}"
+                    )
+            else:
+                data = read_image(opts.image_root, name, opts.max_image_bytes)
             fmt, _, _ = verify_image(data, opts.max_pixels)
             image = normalise_encoding(data, fmt)
         if encoder is not None:
@@ -119,6 +173,10 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
         return {"id": rid, "image": image, "image_name": name, "messages": messages}
     except RecordError as e:
         raise e.with_id(rid) from None
+    except (StorageError, MemoryError):
+        raise
+    except Exception as e:  # a record shape no check foresaw: rejected and reported, never a crashed run
+        raise RecordError("malformed_record", f"unexpected {type(e).__name__}: {e}"[:500], rid) from e
 
 
 def build_encoder(model_cfg: ModelConfig):
@@ -164,8 +222,29 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
     """Convert `input_path` into shards under `opts.out`; returns the manifest."""
     if storage.exists(storage.join(opts.out, MANIFEST)):
         raise FileExistsError(f"--out: {opts.out} already holds prepared shards ({MANIFEST}); choose a new directory")
+    existing = storage.list_tree(opts.out)
+    if existing:
+        # Files of an interrupted run (or anything else) would be mistaken for, or mixed into, this output.
+        raise FileExistsError(
+            f"--out: {opts.out} is not empty ({len(existing)} file(s), e.g. {existing[0]}); "
+            "prepare writes only into a new or empty directory"
+        )
     if opts.shard_size < 1:
         raise ValueError("--shard-size must be >= 1")
+    if opts.max_rejected_fraction is not None and not 0 <= opts.max_rejected_fraction <= 1:
+        raise ValueError("--max-rejected-fraction must be between 0 and 1")
+    created = not storage.is_s3(opts.out) and not Path(opts.out).expanduser().exists()
+    try:
+        return _prepare(input_path, opts, parallel, progress)
+    except BaseException:
+        try:
+            _remove_outputs(opts.out, created)
+        except Exception as e:  # storage gone: what is left has no manifest, so nothing reads it as complete
+            log.warning("could not remove the partial output in %s: %s", opts.out, e)
+        raise
+
+
+def _prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None, progress: bool) -> dict:
     started = time.time()
     layout = get_layout(opts.fmt, opts.subset, opts.image_pattern, opts.image_column, opts.conversation_column)
     reader = SourceReader(input_path, opts.fmt, layout)
@@ -177,12 +256,9 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
         results = _run_parallel(chunks, opts, progress)
     else:
         results = []
-        try:
-            for i, chunk in enumerate(chunks):
-                results.append(build_shard(chunk, i, opts))
-        except RecordError:
-            _remove_shards(opts.out, results)
-            raise
+        for i, chunk in enumerate(chunks):
+            results.append(build_shard(chunk, i, opts))
+            _check_rejections(results, records_in, opts)
     rejected = [r for res in results for r in res.rejected]
     shards = [{"name": r.name, "records": r.records} for r in results if r.name]
     records_out = sum(s["records"] for s in shards)
@@ -201,6 +277,7 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
         "records_with_image": with_image,
         "records_text_only": records_out - with_image,
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "duplicate_ids": _duplicate_ids(chunks),
         "shards": shards,
         "max_image_pixels": opts.max_pixels,
         "max_length_checked": opts.model.max_length if opts.model else None,
@@ -210,12 +287,36 @@ def prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None 
     for warning in manifest["warnings"]:
         log.warning("%s", warning)
     assert manifest["records_out"] + len(rejected) == records_in, "a record went missing"
+    # backslashreplace: an id holding a lone surrogate is written as JSON's own "\\udXXX" escape.
     storage.write_bytes(
         storage.join(opts.out, REJECTED),
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode(),
+        "".join(_json_line(r) for r in rejected).encode("utf-8", "backslashreplace"),
     )
-    storage.write_bytes(storage.join(opts.out, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    # Last: its presence is what says the shards are all there (storage.list_parquet).
+    text = json.dumps(manifest, indent=1, ensure_ascii=False)
+    storage.write_bytes(storage.join(opts.out, MANIFEST), text.encode("utf-8", "backslashreplace"))
     return manifest
+
+
+def _json_line(obj: dict) -> str:
+    # U+2028/U+2029 are legal in JSON strings, but Python's splitlines (and JavaScript) end a line there.
+    return json.dumps(obj, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+def _check_rejections(results: list[ShardResult], records_in: int, opts: PrepareOptions) -> None:
+    """TooManyRejections once the rejected fraction of the records done so far passes the limit."""
+    if opts.max_rejected_fraction is None:
+        return
+    done = sum(r.records + len(r.rejected) for r in results)
+    rejected = [x for r in results for x in r.rejected]
+    if done < min(records_in, MIN_RECORDS_BEFORE_STOPPING) or len(rejected) <= opts.max_rejected_fraction * done:
+        return
+    reasons = ", ".join(f"{k}: {n}" for k, n in Counter(x["reason"] for x in rejected).most_common(3))
+    raise TooManyRejections(
+        f"{len(rejected)} of {done} records rejected ({reasons}), more than --max-rejected-fraction "
+        f"{opts.max_rejected_fraction}; e.g. {rejected[0]['detail']!r:.200}. Is --image-root ({opts.image_root}) "
+        "the folder the image paths are relative to? Nothing was written"
+    )
 
 
 def _warnings(manifest: dict) -> list[str]:
@@ -235,6 +336,18 @@ def _warnings(manifest: dict) -> list[str]:
     return warnings
 
 
+def _duplicate_ids(chunks: list[list[dict]]) -> dict:
+    """Ids that several input records share (LLaVA's finetune JSON: one image, several conversations).
+    Not an error: training keys its records by shard row, so each is still trained once an epoch."""
+    counts = Counter(str(r.get("id")) for chunk in chunks for r in chunk)
+    repeated = {rid: n for rid, n in counts.items() if n > 1}
+    return {
+        "ids": len(repeated),
+        "records": sum(repeated.values()),
+        "examples": sorted(repeated, key=lambda rid: (-repeated[rid], rid))[:10],
+    }
+
+
 def _run_parallel(chunks: list[list[dict]], opts: PrepareOptions, progress: bool) -> list[ShardResult]:
     import ray
     from tqdm import tqdm
@@ -243,22 +356,35 @@ def _run_parallel(chunks: list[list[dict]], opts: PrepareOptions, progress: bool
     task = ray.remote(num_cpus=1)(build_shard)
     pending = {task.remote(chunk, i, opts): i for i, chunk in enumerate(chunks)}
     results: dict[int, ShardResult] = {}
-    with tqdm(total=sum(len(c) for c in chunks), unit="rec", desc="prepare", disable=not progress) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            index = pending.pop(done[0])
-            try:
-                results[index] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                for ref in pending:
-                    ray.cancel(ref)
-                _remove_shards(opts.out, results.values())
-                raise (e.cause if isinstance(e.cause, RecordError) else e) from None
-            bar.update(len(chunks[index]))
+    records_in = sum(len(c) for c in chunks)
+    with tqdm(total=records_in, unit="rec", desc="prepare", disable=not progress) as bar:
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                index = pending.pop(done[0])
+                try:
+                    results[index] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    known = (RecordError, StorageError)
+                    raise (e.cause if isinstance(e.cause, known) else e) from None
+                bar.update(len(chunks[index]))
+                _check_rejections(list(results.values()), records_in, opts)
+        except BaseException:
+            # The caller removes the output: no task may still be writing into it by then.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+            raise
     return [results[i] for i in range(len(chunks))]
 
 
-def _remove_shards(out: str, results) -> None:
-    for res in results:
-        if res.name:
-            storage.delete_file(storage.join(out, res.name))
+def _remove_outputs(out: str, created: bool) -> None:
+    """Remove what a failed run wrote into `out` (it was new or empty: anything of ours is this run's)."""
+    for uri in storage.list_tree(out):
+        if _OUTPUT_NAME.match(posixpath.basename(uri)):
+            storage.delete_file(uri)
+    if created:
+        try:
+            os.rmdir(Path(out).expanduser())  # only if empty: never a folder holding anything else
+        except OSError:
+            pass

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -61,35 +62,59 @@ def list_parts(input_path: str | Path) -> list[str]:
 
 
 def _rows(uri: str) -> Iterator[object]:
-    """Rows of a JSON array, a JSON lines file or a Parquet file, local or on S3."""
+    """Rows of a JSON array, a JSON lines file or a Parquet file, local or on S3. A file that cannot
+    be read as a whole (not JSON, not an array, not Parquet) is a SourceError, one line."""
     suffix = posixpath.splitext(uri)[1].lower()
     if suffix == ".parquet":
         fs, path = storage.filesystem_for(uri)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
+        try:
+            with fs.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+        except pa.ArrowException as e:
+            raise SourceError(f"{uri}: not a readable Parquet file: {e}") from None
         return
     if suffix in (".jsonl", ".ndjson"):
         if storage.is_s3(uri):
-            yield from _json_lines(storage.read_bytes(uri).decode("utf-8").splitlines())
+            # Split on b"\n" only: str.splitlines would also cut a line at a U+2028 inside a JSON string.
+            yield from _json_lines(storage.read_bytes(uri).split(b"\n"))
         else:
-            with Path(uri).open(encoding="utf-8") as f:
+            with Path(uri).open("rb") as f:
                 yield from _json_lines(f)
         return
-    data = json.loads(storage.read_bytes(uri))
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is skipped, not a parse error.
+        data = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{uri}: not UTF-8 text (byte {e.start}); JSON input must be UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{uri}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise SourceError(f"{uri}: JSON nested too deeply to read") from None
     if not isinstance(data, list):
-        raise SourceError(f"{uri}: expected a JSON array of records (LLaVA format)")
+        raise SourceError(
+            f"{uri}: expected a JSON array of records (LLaVA format), found a {type(data).__name__}; "
+            "JSON lines (one record a line) need the .jsonl suffix"
+        )
     yield from data
 
 
 def _json_lines(lines) -> Iterator[object]:
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
+    """One record per line, each decoded on its own: a line that is not UTF-8 or not JSON is one
+    malformed record, and the lines after it are read as usual."""
+    for line_no, raw in enumerate(lines, 1):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark
+        if not raw.strip():
             continue
         try:
-            yield json.loads(line)
+            yield json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield {"__error__": f"line {line_no} is not UTF-8 (byte {e.start})", "__line__": line_no}
         except json.JSONDecodeError as e:
             yield {"__error__": f"line {line_no} is not JSON: {e.msg}", "__line__": line_no}
+        except RecursionError:
+            yield {"__error__": f"line {line_no}: JSON nested too deeply", "__line__": line_no}
 
 
 def _plain(value):
@@ -126,14 +151,20 @@ def _image_fields(row: dict, rid: str, layout: RowLayout) -> dict:
             return {"id": rid, "error": f"{len(image)} images in one record; one image per record is supported"}
         image = image[0] if image else None
     if isinstance(image, dict):  # HF datasets store images as {"path": ..., "bytes": ...}
-        data = image.get("bytes")
+        data, path = image.get("bytes"), image.get("path")
+        if path is not None and not isinstance(path, str):
+            return {"id": rid, "error": f"image path is a {type(path).__name__}, not text"}
+        if data is not None and not isinstance(data, (bytes, bytearray)):
+            return {"id": rid, "error": f"embedded image bytes are a {type(data).__name__}, not bytes"}
         if data:
-            return {"image": str(image.get("path") or f"{rid}.embedded"), "image_bytes": bytes(data)}
-        image = image.get("path")
+            return {"image": path or f"{rid}.embedded", "image_bytes": bytes(data)}
+        image = path
     if isinstance(image, (bytes, bytearray)):
         return {"image": f"{rid}.embedded", "image_bytes": bytes(image)}
     if image not in (None, ""):
-        return {"image": str(image)}
+        if not isinstance(image, str):  # a number or a mapping is not a file name: str() would invent one
+            return {"id": rid, "error": f"image field is a {type(image).__name__}, not a path"}
+        return {"image": image}
     # A named but empty image field is a record that lost its image, not a text-only record.
     if layout.image_required or any(k in row and row[k] is not None for k in layout.image_columns):
         columns = ", ".join(layout.image_columns)
@@ -228,10 +259,14 @@ class SourceReader:
                 columns = columns or list(map(str, row))
                 if "__error__" in row:
                     yield {"id": rid, "error": row["__error__"]}
-                elif self.fmt == "captions":
-                    yield _caption_record(row, rid, self.layout)
-                else:
-                    yield _conversation_record(row, rid, self.layout, placeholders)
+                    continue
+                try:
+                    if self.fmt == "captions":
+                        yield _caption_record(row, rid, self.layout)
+                    else:
+                        yield _conversation_record(row, rid, self.layout, placeholders)
+                except Exception as e:  # a row shape no check above foresaw: one rejection, not a crashed run
+                    yield {"id": rid, "error": f"cannot read the row: {type(e).__name__}: {e}"}
             self.records_per_part[part] = count
         if wanted - seen and columns:
             # Every record would be rejected for the same reason: that is a wrong flag, not bad data.

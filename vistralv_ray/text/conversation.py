@@ -3,6 +3,11 @@
 `ConversationEncoder.encode` is the one place where a conversation becomes `input_ids` and `labels`:
 labels keep the tokens of assistant answers (and their end-of-sequence token) and mask everything
 else with -100; each `<image>` token is expanded to the number of image features the model makes.
+
+Control tokens in data are rejected, not escaped (`control_token_in_text`): a question or answer that
+holds `</s>`, `<s>`, `[INST]`, `<<SYS>>`, a second `<image>` or any special token of the tokenizer would
+otherwise be read as one (an end of sequence in mid-answer, a fake turn). Escaping cannot keep the
+training ids equal to what `apply_chat_template` makes of the same text after export; rejecting can.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from vistralv_ray.errors import RecordError
 from vistralv_ray.text.templates import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
+# Llama/Mistral special tokens and the markers of our Vistral template: as text in a record they would
+# fake a turn boundary even where the tokenizer does not know them as special (SentencePiece's [INST]).
+CONTROL_STRINGS = ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 _ROLE_ALIASES = {
     "human": "user",
@@ -42,11 +50,12 @@ def normalize_messages(turns: list[dict], has_image: bool) -> list[dict]:
             raise RecordError("malformed_record", f"turn {i} is not a mapping")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
-        if role not in _ROLE_ALIASES:
-            raise RecordError("malformed_record", f"turn {i} has unknown role {role!r}")
+        if not isinstance(role, str) or role not in _ROLE_ALIASES:  # a list or mapping is unhashable
+            raise RecordError("malformed_record", f"turn {i} has unknown role {role!r:.80}")
         if not isinstance(content, str):
             raise RecordError("malformed_record", f"turn {i} content is not text")
         messages.append({"role": _ROLE_ALIASES[role], "content": content})
+        reject_control_strings(content, CONTROL_STRINGS, f"turn {i}")
 
     body = messages[1:] if messages[0]["role"] == "system" else messages
     for i, msg in enumerate(body):
@@ -79,6 +88,13 @@ def normalize_messages(turns: list[dict], has_image: bool) -> list[dict]:
     return head + body
 
 
+def reject_control_strings(text: str, controls, where: str) -> None:
+    """RecordError `control_token_in_text` if `text` holds one of `controls` (case as written: `<S>` is text)."""
+    for control in controls:
+        if control in text:
+            raise RecordError("control_token_in_text", f"{where} holds the control token {control!r} as text")
+
+
 @dataclass
 class EncodedConversation:
     input_ids: np.ndarray  # int32, image tokens expanded
@@ -101,6 +117,10 @@ class ConversationEncoder:
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; build it with model.assembly.prepare_tokenizer")
         self._special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        # Every token the tokenizer matches as a whole before tokenizing (special or added), the model's
+        # own (<|im_end|>, <pad>...) too; `<image>` is counted by normalize_messages instead.
+        added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+        self._controls = sorted({*tokenizer.all_special_tokens, *added} - {IMAGE_TOKEN}, key=len, reverse=True)
         self._has_generation = "generation" in chat_template and "endgeneration" in chat_template
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -137,6 +157,9 @@ class ConversationEncoder:
         return full, spans
 
     def encode(self, messages: list[dict]) -> EncodedConversation:
+        for i, message in enumerate(messages):
+            if isinstance(message["content"], str):
+                reject_control_strings(message["content"], self._controls, f"turn {i}")
         text, spans = self.render(messages)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
