@@ -1,26 +1,74 @@
 """Image decoding for shards and preprocessing: checks, EXIF orientation, colour modes, pad or resize.
 
 Output is uint8 RGB at the vision tower's size; normalisation happens on the training device (4x
-fewer bytes through Ray Data than float32). JPEGs are decoded with draft scaling: libjpeg decodes
-at 1/2, 1/4 or 1/8 of the size directly, which is most of the speed-up over a full decode + resize.
+fewer bytes through Ray Data than float32). The pixels are the exported processor's (transformers'
+`LlavaImageProcessor`, PIL backend, which preprocesses as LLaVA does): a full decode, padded to a
+square with the image mean (`pad`), then PIL's bicubic resize. Both shortcuts this module once took
+broke that by more than 2 levels of 255 on photos, so neither is used: libjpeg's draft (DCT) decoding
+at 1/2-1/8 scale (4-29 levels) and torch's uint8 bicubic kernel (1-2 levels, up to 25 on tall
+images). What is left to save is resizing padding: see `resize_padded`. Mean, std and pad colour come
+from the vision tower's own image processor config (`pixel_stats`), in training and export alike.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vistralv_ray.errors import RecordError
 
-# SigLIP's mean is 0.5: padding with grey 127 is LLaVA's `expand2square` with the image mean.
+# SigLIP's mean is 0.5: padding with grey 127 is LLaVA's `expand2square` with the image mean. The
+# default where no tower is at hand (the benchmark's reference); training uses `pixel_stats(...).fill`.
 PAD_LEVEL = 127
 PAD_FILL = (PAD_LEVEL,) * 3
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold
 ORIENTATION = 0x0112  # the EXIF tag
 KEEP_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a camera JPEG with extra frames, decoded as a JPEG
+# The exported processor's filter (LlavaImageProcessor, resample=3); PIL's, as torch's uint8 kernel
+# differs from it by up to 25 levels on tall images.
+BICUBIC = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """The normalisation of a vision tower: (x / 255 - mean) / std per channel, and its pad colour."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        # LlavaImageProcessor pads with int(mean * 255), truncated: the same levels here, not rounded.
+        return tuple(int(m * 255) for m in self.mean)
+
+
+@functools.lru_cache(maxsize=8)
+def pixel_stats(vision_tower: str) -> PixelStats:
+    """Mean and std from the vision tower's own image processor config (preprocessor_config.json)."""
+    from transformers import AutoImageProcessor
+
+    if not vision_tower:
+        raise ValueError("pixel_stats: no vision tower path or hub id to read preprocessor_config.json from")
+    try:
+        tower = AutoImageProcessor.from_pretrained(vision_tower)
+    except OSError as e:
+        raise ValueError(f"{vision_tower}: no image processor config to take the pixel mean and std from: {e}") from e
+
+    def three(value, name: str) -> tuple[float, float, float]:
+        if value is None:
+            raise ValueError(f"{vision_tower}: its image processor config has no {name}")
+        values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(values) != 3:
+            raise ValueError(f"{vision_tower}: {name} {values} is not one value per RGB channel")
+        return tuple(values)
+
+    return PixelStats(three(tower.image_mean, "image_mean"), three(tower.image_std, "image_std"))
 
 
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -83,56 +131,71 @@ def normalise_encoding(data: bytes, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def decode_to_pixels(data: bytes, size: int, aspect: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_to_pixels(
+    data: bytes,
+    size: int,
+    aspect: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fill: tuple[int, int, int] = PAD_FILL,
+) -> np.ndarray:
     """Bytes -> uint8 array (size, size, 3): orientation applied, padded to square (`pad`) or not, resized.
 
-    `pad` resizes the image so its long side is `size` and places it centred on a grey square: the
-    same pixels as LLaVA's pad-then-resize up to the bicubic kernel at the image's edges (a level
-    or two of 255), without resampling the padding.
+    The exported processor's pixels: decoded in full, padded to a square with `fill` (the image mean,
+    `pixel_stats(tower).fill`) where LLaVA places the image, then resized with PIL's bicubic.
     """
     img = open_checked(data, max_pixels)
-    w, h = img.size
-    if aspect == "pad":
-        s = size / max(w, h)
-        target = (max(1, round(w * s)), max(1, round(h * s)))
-    else:
-        target = (size, size)
     try:
-        if img.format in ("JPEG", "MPO"):
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly, never below the requested size.
-            img.draft("RGB", target)
         img = to_rgb(img)
+        img.load()
     except RecordError:
         raise
     except Exception as e:
         raise RecordError("unreadable_image", f"cannot decode image: {e}") from e
-    if img.size != target:  # exif_transpose may have swapped the sides: target follows the image
-        if aspect == "pad":
-            s = size / max(img.size)
-            target = (max(1, round(img.width * s)), max(1, round(img.height * s)))
-    img.load()
-    pixels = np.asarray(img)  # read-only: resize_bicubic reads it, the canvas copies it
-    if img.size != target:
-        pixels = resize_bicubic(pixels, target)
-    if target == (size, size):
-        return pixels
-    canvas = np.full((size, size, 3), PAD_LEVEL, dtype=np.uint8)  # a scalar fill is a memset
-    left, top = (size - target[0]) // 2, (size - target[1]) // 2
-    canvas[top : top + target[1], left : left + target[0]] = pixels
-    return canvas
+    if aspect == "pad" and img.width != img.height:
+        return resize_padded(img, size, fill)
+    return np.asarray(img if img.size == (size, size) else img.resize((size, size), BICUBIC))
 
 
-def resize_bicubic(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 HWC -> uint8 HWC of `size` (width, height): antialiased bicubic, as PIL's (within one
-    level of 255), through torch's vectorised uint8 kernel, about twice as fast as PIL's."""
-    import torch
-    import torch.nn.functional as F
+def resize_padded(img: Image.Image, size: int, fill: tuple[int, int, int] = PAD_FILL) -> np.ndarray:
+    """An RGB image padded to a square with `fill` ((long - short) // 2 before it, as LLaVA does) and
+    resized bicubic to `size`: PIL's resize of that square, without resizing most of the padding.
 
-    with warnings.catch_warnings():  # torch warns that a read-only array gives a read-only tensor: it is only read
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # a channels-last view, no copy
-    y = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
-    return y[0].permute(1, 2, 0).numpy()
+    PIL resizes across, then down, rounding to uint8 in between; a row of padding stays `fill`
+    across, so a wide image is resized across alone and its padding joins it at the new width. Down
+    (and across, for a tall image) only the band of output lines the image reaches through the
+    filter is computed, with `box` on the padded image, which gives those lines PIL's own weights
+    (up to float rounding in the box: a level at most, on some pixels of some images).
+    """
+    w, h = img.size
+    side = max(w, h)
+    start = (side - min(w, h)) // 2
+    scale = side / size
+    reach = 2 * max(scale, 1.0) + 1  # bicubic's support in source pixels, and a pixel to spare
+    lo = max(0, math.floor((start - reach) / scale))
+    hi = min(size, math.ceil((start + min(w, h) + reach) / scale))
+    out = solid(size, size, fill)
+    if w > h:
+        across = img if w == size else img.resize((size, h), BICUBIC)
+        column = solid(side, size, fill)
+        column[start : start + h] = np.asarray(across)
+        band = Image.fromarray(column).resize((size, hi - lo), BICUBIC, box=(0, lo * scale, size, hi * scale))
+        out[lo:hi] = np.asarray(band)
+    else:
+        row = solid(h, side, fill)
+        row[:, start : start + w] = np.asarray(img)
+        band = Image.fromarray(row).resize((hi - lo, size), BICUBIC, box=(lo * scale, 0, hi * scale, h))
+        out[:, lo:hi] = np.asarray(band)
+    return out
+
+
+def solid(height: int, width: int, fill: tuple[int, int, int]) -> np.ndarray:
+    """uint8 (height, width, 3) of one colour. Not `array[:] = fill`: numpy then copies 3 bytes at a
+    time (~0.4 ms a sample in `resize_padded`); a grey is a memset, a colour one long row repeated."""
+    if fill[0] == fill[1] == fill[2]:
+        return np.full((height, width, 3), fill[0], dtype=np.uint8)
+    out = np.empty((height, width * 3), dtype=np.uint8)
+    out[:] = np.tile(np.asarray(fill, dtype=np.uint8), width)
+    return out.reshape(height, width, 3)
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:

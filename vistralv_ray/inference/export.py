@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,29 +113,25 @@ def trained_model(ckpt: TrainedCheckpoint) -> tuple[torch.nn.Module, object]:
 
 
 def build_image_processor(cfg: Config, image_size: int):
-    """SigLIP's normalisation and bicubic resize, with LLaVA's pad-to-square (image-mean grey) for `pad`."""
-    from transformers import AutoImageProcessor
-
-    from vistralv_ray.data.images import PAD_FILL
-
-    tower = AutoImageProcessor.from_pretrained(cfg.model.vision_tower)
-    mean = list(getattr(tower, "image_mean", [0.5, 0.5, 0.5]))
-    std = list(getattr(tower, "image_std", [0.5, 0.5, 0.5]))
-    if cfg.model.aspect == "pad" and tuple(int(m * 255) for m in mean) != PAD_FILL:
-        log.warning("pad colour %s differs from the image mean %s: exported padding uses the mean", PAD_FILL, mean)
+    """The vision tower's normalisation (its own preprocessor_config.json) and PIL's bicubic resize,
+    with LLaVA's pad-to-square in the image mean for `pad`: the pixels training decodes
+    (`decode_to_pixels`, pinned by tests/unit/test_pixel_parity.py)."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+    from vistralv_ray.data.images import pixel_stats
+
+    stats = pixel_stats(cfg.model.vision_tower)
     return LlavaImageProcessorPil(
-        do_pad=cfg.model.aspect == "pad",
+        do_pad=cfg.model.aspect == "pad",  # pads with int(mean * 255), as training does (`PixelStats.fill`)
         do_resize=True,
         size={"height": image_size, "width": image_size},
         do_center_crop=False,
-        resample=3,  # bicubic, as in training
+        resample=3,  # PIL's bicubic, as in training
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=mean,
-        image_std=std,
+        image_mean=list(stats.mean),
+        image_std=list(stats.std),
         do_convert_rgb=True,
     )
 
@@ -204,18 +202,53 @@ def save_export(
 
 
 def export(source: str, out: str | Path, dtype: str = "auto", overwrite: bool = False, max_shard_size="5GB") -> Path:
-    """Write the Hugging Face directory of a run's latest checkpoint (or the given checkpoint) to OUT."""
+    """Write the Hugging Face directory of a run's latest checkpoint (or the given checkpoint) to OUT.
+
+    The export is built in a hidden sibling directory and renamed to OUT when complete: an interrupted
+    export leaves no OUT that looks like a model, and with `overwrite` the old OUT stays in place until
+    the new one is whole.
+    """
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden, and named so nobody mistakes it for a model; a sibling, so the final rename stays on one disk.
+    # mkdir, not mkdtemp: the export keeps the umask's permissions, not mkdtemp's owner-only ones.
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        info = _export_into(source, tmp, dtype, max_shard_size)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; what a failed export wrote otherwise
+    log.info("exported %s (step %d, %s) to %s", info["source"], info["step"], info["dtype"], out)
+    return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` is moved aside first and removed only afterwards."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        new.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)  # the old export back in its place
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(source: str, tmp: Path, dtype: str, max_shard_size) -> dict:
+    """Build the whole export in the (empty) directory `tmp`; returns what vistralv_export.json says."""
     with open_checkpoint(source) as ckpt:
         model, assembled = trained_model(ckpt)
         target_dtype = resolve_dtype(dtype, ckpt.precision)
         model.to(target_dtype)
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
         save_export(model, assembled.tokenizer, assembled.chat_template, ckpt.config, tmp, max_shard_size)
         info = {
             "source": ckpt.uri,
@@ -228,6 +261,4 @@ def export(source: str, out: str | Path, dtype: str = "auto", overwrite: bool = 
             "image_seq_length": assembled.image_seq_length,
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
-        tmp.rename(out)
-    log.info("exported %s (step %d, %s) to %s", ckpt.uri, ckpt.step, info["dtype"], out)
-    return out
+    return info
