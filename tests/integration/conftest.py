@@ -48,6 +48,8 @@ def run_config(tiny_assets, tiny_shards, tmp_path):
                 "template": "plain" if stage == "align" else "vistral",
                 "aspect": "resize" if stage == "align" else "pad",
                 "max_length": 256,
+                # A finetune of the tiny model starts from a fresh projector unless a test gives one.
+                "init_projector_from": "random" if stage == "finetune" else None,
             },
             "data": {
                 "train": [tiny_shards[data]],

@@ -108,7 +108,7 @@ def plain_pytorch_step(cfg, shard_dir: str):
     pre = Preprocessor(dataclasses.asdict(cfg.model), cfg.data.max_image_pixels)(
         {"id": batch["id"], "image": batch["image"], "messages": batch["messages"]}
     )
-    assembled = build_model(cfg.model)
+    assembled = build_model(cfg.model, seed=cfg.train.seed)
     model = apply_stage(assembled.model, "align", cfg.model.lora)
     collated = PackingCollate(assembled.tokenizer.pad_token_id, "pack", None)(pre)
     groups = build_param_groups(model, cfg.train.base_lr, cfg.train.base_lr, 0.0)
@@ -160,7 +160,8 @@ def test_deepspeed_step_matches_plain_pytorch_and_data_parallel_split(ray_local,
     accum_state = load_file(str(Path(accum.checkpoint.path) / "projector.safetensors"))
     from vistralv_ray.model.assembly import build_model
 
-    initial = build_model(run_config().model).model.model.multi_modal_projector.state_dict()
+    base = run_config()
+    initial = build_model(base.model, seed=base.train.seed).model.model.multi_modal_projector.state_dict()
     for key, value in plain_state.items():
         # Compare the updates, not the weights: an update is ~1e-5 of weights ~1e-1.
         plain_update = value - initial[key]
@@ -169,7 +170,28 @@ def test_deepspeed_step_matches_plain_pytorch_and_data_parallel_split(ray_local,
             torch.testing.assert_close(state[key] - initial[key], plain_update, rtol=1e-3, atol=5e-8, msg=name)
 
 
-def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_config, monkeypatch, tiny_shards):
+@pytest.fixture(scope="module")
+def shared_id_shards(demo_corpus, tmp_path_factory):
+    """The 48 align records with every id shared by two records, as LLaVA's finetune JSON shares one
+    image's id between its conversations."""
+    from vistralv_ray.data.prepare import PrepareOptions, prepare
+
+    records = json.loads(Path(demo_corpus["align"]).read_text())
+    for n, record in enumerate(records):
+        record["id"] = f"shared-{n // 2}"
+    path = tmp_path_factory.mktemp("shared-ids") / "align.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    out = path.parent / "shards"
+    manifest = prepare(
+        path, PrepareOptions(str(demo_corpus["images"]), str(out), shard_size=16), parallel=False, progress=False
+    )
+    assert manifest["records_out"] == 48 and manifest["duplicate_ids"]["ids"] == 24
+    return str(out)
+
+
+def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_config, monkeypatch, shared_id_shards):
+    from vistralv_ray.config import ConfigError
+    from vistralv_ray.training.driver import build_trainer
     from vistralv_ray.training.loop import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "2")
@@ -180,7 +202,13 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         # 48 align records / (2 workers x 4) = 6 steps: one full epoch, so every record exactly once.
-        cfg = run_config("train.max_steps=6", "train.checkpoint_every=2", "scaling.max_failures=1", "run.name=faulty")
+        cfg = run_config(
+            "train.max_steps=6",
+            "train.checkpoint_every=2",
+            "scaling.max_failures=1",
+            f"data.train=[{shared_id_shards}]",
+            "run.name=faulty",
+        )
         result = train(cfg)
     finally:
         ray.shutdown()
@@ -196,5 +224,52 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
     # ...and the epoch saw each of the 48 records exactly once across both attempts.
     from vistralv_ray.training.checkpointing import TrainerState
 
+    # Ids repeat here: keyed by id, the resumed attempt would have left out every record sharing an id
+    # with one trained before the fault (and the epoch would have run short).
     state = TrainerState.load(Path(result.checkpoint.path))
-    assert state.epoch_samples == 48 and len(state.seen_keys) == 48
+    assert state.epoch == 0 and state.epoch_samples == 48 and len(state.seen_keys) == 48
+    assert state.plan["world_size"] == 2 and state.plan["total_steps"] == 6
+
+    # Resuming the finished run under another plan is refused before any worker starts, naming the change.
+    doubled = run_config(
+        "train.max_steps=6", "train.base_lr=4e-3", f"data.train=[{shared_id_shards}]", "run.name=faulty"
+    )
+    with pytest.raises(ConfigError, match=r"run.name: run faulty resumes from .*base_lr: 0.002 -> 0.004"):
+        build_trainer(doubled)
+
+
+@pytest.mark.parametrize("dropout", [0.3])
+def test_resume_restores_rng_states_so_dropout_continues_as_uninterrupted(ray_local, run_config, monkeypatch, dropout):
+    """LoRA dropout on, one worker, data in a fixed order: a run killed after its step-2 checkpoint and
+    resumed gives the per-step losses of a run that never stopped (each rank's RNG states come back)."""
+    from vistralv_ray.training.loop import FAULT_ENV
+
+    common = [
+        "model.lora.enabled=true",
+        "model.lora.r=8",
+        "model.lora.alpha=16",
+        f"model.lora.dropout={dropout}",
+        "scaling.workers=1",
+        "data.preprocess_actors=1",
+        "train.max_steps=5",
+        "train.checkpoint_every=2",
+        "scaling.max_failures=1",
+    ]
+    straight = train(run_config(*common, "run.name=rng-straight", stage="finetune"))
+    assert straight.error is None
+    import ray
+
+    monkeypatch.setenv(FAULT_ENV, "2")
+    ray.shutdown()
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    try:
+        resumed = train(run_config(*common, "run.name=rng-resumed", stage="finetune"))
+    finally:
+        ray.shutdown()
+        monkeypatch.delenv(FAULT_ENV)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    assert resumed.error is None
+    after = {m["step"]: m["loss"] for m in resumed.return_value["history"]}
+    before = {m["step"]: m["loss"] for m in straight.return_value["history"]}
+    assert sorted(after) == [3, 4, 5]
+    assert [after[s] for s in (3, 4, 5)] == pytest.approx([before[s] for s in (3, 4, 5)], rel=1e-5, abs=1e-6)

@@ -132,7 +132,9 @@ def test_bench_data_json_has_the_expected_keys(capsys):
         "peak_rss_mb_1x",
         "peak_rss_mb_10x",
     }
-    assert set(result) == headline | {"machine", "options", "images", "packing", "memory"}
+    assert set(result) == headline | {"machine", "options", "images", "packing", "memory", "mixing"}
+    assert [(m["workers"], m["per_device_batch"]) for m in result["mixing"]["rows"]] == [(1, 8), (1, 16), (8, 16)]
+    assert all(m["shards"] < m["ours"] <= m["random"] + 0.1 for m in result["mixing"]["rows"])
     assert result["speedup"] == pytest.approx(
         result["ours_samples_per_s_per_core"] / result["reference_samples_per_s_per_core"]
     )
@@ -147,7 +149,7 @@ def test_bench_data_json_has_the_expected_keys(capsys):
     assert set(result["packing"]["nonpad_fraction"]) == {"pad", "group", "pack_rows_of_max_length", "pack"}
     assert "LLaVA-665K" in result["packing"]["assumption"] and result["memory"] is None
     table = format_data(result)
-    assert "samples/s/core" in table and "non-pad fraction" in table
+    assert "samples/s/core" in table and "non-pad fraction" in table and "(d) shuffling" in table
 
 
 def test_train_report_table():

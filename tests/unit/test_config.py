@@ -55,6 +55,7 @@ def test_overrides_parse_yaml_values():
         ({}, ["data.batching=group"], "data.batching", "'pack', 'pad'"),
         ({}, ["model.projector=linear"], "model.projector", "'mlp2x_gelu'"),
         ({}, ["data.max_block_mb=0"], "data.max_block_mb", ">= 1"),
+        ({}, ["train.precision=fp16"], "train.precision", "use bf16"),
     ],
 )
 def test_errors_name_the_key(data, overrides, key, hint):

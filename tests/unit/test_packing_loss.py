@@ -85,3 +85,75 @@ def test_packing_without_position_reset_would_differ(samples):
         a = summed_token_loss(model, packed, torch.float32)
         b = summed_token_loss(model, leaky, torch.float32)
     assert abs(a.item() - b.item()) > 1e-3
+
+
+def _losses_by_layout(cfg, data, attn: str, device: str = "cpu", dtype=torch.float32):
+    """Summed loss of the samples packed into several rows, padded, and one by one."""
+    torch.manual_seed(0)
+    assembled = build_model(cfg, dtype=dtype, attn_implementation=attn)
+    model = apply_stage(assembled.model, "align", LoraSettings()).eval().to(device)
+    pad = assembled.tokenizer.pad_token_id
+    ids, labels, images = zip(*data, strict=True)
+    longest = max(len(i) for i in ids)
+    packed = layout_batch(list(ids) * 2, list(labels) * 2, list(images) * 2, pad, "pack", 2 * longest + 4, (32, 32, 3))
+    with torch.no_grad():
+        multi_row = summed_token_loss(model, packed.to(device), dtype).item()
+        separate = sum(
+            summed_token_loss(model, layout_batch([i], [lab], [im], pad, "pad", None, (32, 32, 3)).to(device), dtype)
+            for i, lab, im in data
+        ).item()
+    return packed, multi_row, 2 * separate
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_several_packed_rows_give_the_unpacked_loss(samples, attn):
+    cfg, data = samples
+    packed, multi_row, separate = _losses_by_layout(cfg, data, attn)
+    assert packed.input_ids.shape[0] >= 3  # several packed rows, several samples in some of them
+    assert packed.num_samples > packed.input_ids.shape[0]
+    assert multi_row == pytest.approx(separate, rel=1e-5)
+
+
+def test_flattening_packed_rows_keeps_the_loss(samples, monkeypatch):
+    """The FlashAttention path (packed rows as one row) computes what the rows compute, here on sdpa."""
+    from vistralv_ray.model import forward
+
+    cfg, data = samples
+    packed, rows_loss, separate = _losses_by_layout(cfg, data, "sdpa")
+    monkeypatch.setattr(forward, "PACKING_EXACT", ())
+    monkeypatch.setattr(forward, "PACKING_FLATTENED", ("sdpa",))
+    calls = []
+    original = forward.flattens_packed_rows
+    monkeypatch.setattr(forward, "flattens_packed_rows", lambda *a: calls.append(original(*a)) or calls[-1])
+    _, flat_loss, _ = _losses_by_layout(cfg, data, "sdpa")
+    assert True in calls, "the flattened path was not taken"
+    assert flat_loss == pytest.approx(rows_loss, rel=1e-5) and flat_loss == pytest.approx(separate, rel=1e-5)
+
+
+def test_which_kernels_flatten_packed_rows():
+    from vistralv_ray.model.forward import flattens_packed_rows
+
+    positions = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])
+    assert flattens_packed_rows("flash_attention_2", 2, None, positions)
+    assert not flattens_packed_rows("flash_attention_2", 1, None, positions[:1])  # one row: FA2 sees the ids
+    assert not flattens_packed_rows("flash_attention_2", 2, torch.ones(2, 4), positions)  # padded rows
+    assert not flattens_packed_rows("sdpa", 2, None, positions) and not flattens_packed_rows(
+        "eager", 2, None, positions
+    )
+    with pytest.raises(ValueError, match="model.attn_implementation 'paged_attention'.*data.batching=pad"):
+        flattens_packed_rows("paged_attention", 2, None, positions)
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _flash_attn_available(), reason="needs CUDA and flash-attn")
+def test_several_packed_rows_give_the_unpacked_loss_on_flash_attention_2(samples):
+    cfg, data = samples
+    _, multi_row, separate = _losses_by_layout(cfg, data, "flash_attention_2", "cuda", torch.bfloat16)
+    assert multi_row == pytest.approx(separate, rel=2e-2)

@@ -171,3 +171,50 @@ def test_flops_count_frozen_parts_right(tiny_model_config):
     text = build_model(tiny_model_config).model.config.text_config
     # Causal attention: 2 l^2 d per layer forward (QK^T and AV, half the square), x3 with backward.
     assert full.step_flops(0, 10**2 + 20**2, 0) == 6 * text.num_hidden_layers * text.hidden_size * 500
+
+
+@pytest.mark.parametrize("workers", [1, 8, 64])
+@pytest.mark.parametrize("lora", [False, True])
+def test_plan_model_states_match_deepspeeds_estimators_at_7b(workers, lora):
+    """DeepSpeed's estimators count a model that trains every parameter: applied to the parameters that
+    train here (the LM and projector, or the adapters and projector), plus the frozen weights in bf16."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from vistralv_ray.config import load_config
+    from vistralv_ray.training.memory import meta_model_for, model_sizes, model_state_bytes
+
+    cfg = load_config("jobs/finetune.yaml", [f"model.lora.enabled={str(lora).lower()}"])
+    sizes = model_sizes(cfg)
+    model = meta_model_for(cfg)
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    if not lora:
+        assert sizes.trainable == sum(p.numel() for p in model.parameters()) - vision  # the 7B LM + projector
+    assert sizes.trainable > 1e8 and sizes.total > 7e9
+    _, largest = model_to_params(model)
+    _, ds_zero2 = estimate_zero2_model_states_mem_needs(sizes.trainable, workers, 1, cpu_offload=False)
+    _, ds_zero3, _ = estimate_zero3_model_states_mem_needs(sizes.trainable, largest, workers, 1, cpu_offload=False)
+    _, ds_offload, _ = estimate_zero3_model_states_mem_needs(sizes.trainable, largest, workers, 1)
+    ours = model_state_bytes(sizes, workers)
+    assert ours["zero2"] == pytest.approx(ds_zero2 + 2 * sizes.frozen, rel=0.05)
+    assert ours["zero3"] == pytest.approx(ds_zero3 + 2 * sizes.frozen / workers, rel=0.05)
+    assert ours["zero3_offload"] == pytest.approx(ds_offload, rel=0.05)
+
+
+def test_activation_memory_counts_logits_attention_and_checkpointing():
+    from vistralv_ray.config import load_config
+    from vistralv_ray.training.memory import activation_bytes, model_sizes
+
+    sizes = model_sizes(load_config("jobs/finetune.yaml"))
+    tokens, h = 4096, sizes.hidden
+    flash = activation_bytes(sizes, tokens, checkpointing=False, seq_len=2048, attn="flash_attention_2")
+    layer = 18 * h + 4 * sizes.kv_hidden + 8 * sizes.intermediate
+    assert flash == tokens * (sizes.layers * layer + 14 * sizes.vocab)
+    assert sizes.vocab > 32000 and sizes.kv_hidden == 1024 and sizes.intermediate == 14336  # Mistral-7B
+    ckpt = activation_bytes(sizes, tokens, checkpointing=True, seq_len=2048, attn="flash_attention_2")
+    assert ckpt == tokens * (sizes.layers * 2 * h + layer + 14 * sizes.vocab)
+    # sdpa on packed rows: a dense S x S mask per row; eager: bf16 scores and probabilities per head.
+    sdpa = activation_bytes(sizes, tokens, checkpointing=True, seq_len=2048, attn="sdpa")
+    assert sdpa - ckpt == 2 * 2048 * 2048
+    eager = activation_bytes(sizes, tokens, checkpointing=False, seq_len=2048, attn="eager")
+    assert eager - flash == 2 * sizes.layers * sizes.heads * 2048 * 2048 * 4

@@ -1,7 +1,8 @@
 """`bench data`: our data path against its baselines, measured side by side in one run.
 
-Three figures: (a) image preprocessing throughput per CPU core, our decode path (JPEG draft
-scaling, uint8 out) against transformers' PIL `SiglipImageProcessor`; (b) the share of batch cells
+Three figures: (a) image preprocessing throughput per CPU core, our decode path (the exported
+processor's pixels, uint8 out) against transformers' PIL `SiglipImageProcessor`, with the largest
+pixel difference between the two; (b) the share of batch cells
 that hold real tokens with our packing, with LLaVA's length grouping and with plain padding, on a
 synthetic length mix shaped like LLaVA-665K; (c) peak memory of the streaming Ray Data pipeline
 for a dataset and for one ten times larger (`bench.stream`).
@@ -115,6 +116,17 @@ def image_methods(size: int, hf_batch: int = 16) -> dict[str, Callable[[list[byt
     return {"ours_uint8": ours, "ours_then_normalise_float32": ours_normalised, "hf_siglip_pil": hf}
 
 
+def level_difference(photos: list[bytes], size: int) -> int:
+    """Largest difference, in levels of 255, between our pixels and the reference's on `photos`."""
+    methods = image_methods(size)
+    ours, reference = methods["ours_uint8"](photos), methods["hf_siglip_pil"](photos)
+    # The reference normalises with mean 0.5 and std 0.5 (`_hf_processor`): back to levels.
+    return max(
+        int(np.abs(o.astype(np.int32) - np.rint((r.transpose(1, 2, 0) * 0.5 + 0.5) * 255)).max())
+        for o, r in zip(ours, reference, strict=True)
+    )
+
+
 def image_throughput(photos: list[bytes], size: int) -> dict[str, dict]:
     """Samples per CPU-second (one single-threaded loop = one core) and per wall second, per method."""
     import torch
@@ -223,12 +235,15 @@ def run_data_bench(opts: DataBenchOptions) -> dict:
     photos = synthetic_photos(opts.images, opts.source_width, opts.source_height, opts.seed)
     methods = image_throughput(photos, opts.image_size)
     ours, hf = methods["ours_uint8"], methods["hf_siglip_pil"]
+    difference = level_difference(photos[:32], opts.image_size)
     images = {
         "count": opts.images,
         "source_size": [opts.source_width, opts.source_height],
         "mean_jpeg_bytes": int(np.mean([len(p) for p in photos])),
         "output_size": opts.image_size,
-        "aspect": "pad (square, mean fill) then bicubic resize, in every method",
+        "aspect": f"pad (square, mean fill) then bicubic resize, in every method; ours within {difference} "
+        "level(s) of 255 of the reference's pixels",
+        "max_level_difference_vs_hf": difference,
         "methods": methods,
         "speedup_per_core_vs_hf": ours["samples_per_s_per_core"] / hf["samples_per_s_per_core"],
     }
@@ -246,6 +261,8 @@ def run_data_bench(opts: DataBenchOptions) -> dict:
             opts.object_store_mb,
             opts.seed,
         )
+    log.info("shuffling: distinct subsets per global batch on a corpus sorted by subset")
+    mixing = mixing_report(opts.seed)
     fractions = packing["nonpad_fraction"]
     runs = memory["runs"] if memory else [None, None]
     # The headline figures (ours against the LLaVA-style reference), then the details they come from.
@@ -264,4 +281,22 @@ def run_data_bench(opts: DataBenchOptions) -> dict:
         "images": images,
         "packing": packing,
         "memory": memory,
+        "mixing": mixing,
     }
+
+
+# (d): global batches of Vistral-V's own run (1 GPU x 8), one GPU x 16 and LLaVA's 8 x 16.
+MIXING_SHAPES = ((1, 8), (1, 16), (8, 16))
+
+
+def mixing_report(seed: int) -> dict:
+    """Mean distinct source subsets per global batch on a corpus sorted by subset (`bench.mixing`)."""
+    from vistralv_ray.bench.mixing import MixingOptions, measure_mixing
+
+    rows = []
+    for workers, batch in MIXING_SHAPES:
+        r = measure_mixing(MixingOptions(workers=workers, per_device_batch=batch, seed=seed))
+        rows.append({"workers": workers, "per_device_batch": batch, **{k: r[k] for k in ("ours", "shards", "random")}})
+    opts = MixingOptions()
+    corpus = f"{opts.subsets} subsets x {opts.records_per_subset} records sorted by subset, shards of {opts.shard_size}"
+    return {"corpus": corpus, "rows": rows}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vistralv_ray.config import config_from_dict
-from vistralv_ray.config.schema import Config
+from vistralv_ray.config.schema import RANDOM_PROJECTOR, Config
 from vistralv_ray.logging import get_logger
 from vistralv_ray.ray_runtime import init_ray
 
@@ -78,6 +78,8 @@ def bench_config(paths: dict[str, str], opts: TrainBenchOptions, run_name: str =
                 "template": "vistral" if finetune else "plain",
                 "aspect": "pad" if finetune else "resize",
                 "max_length": 256,
+                # Step time does not depend on where the projector came from: a fresh one, said so.
+                "init_projector_from": RANDOM_PROJECTOR if finetune else None,
             },
             "data": {
                 "train": [paths["shards"]],
@@ -155,8 +157,9 @@ def plain_batches(cfg: Config, count: int, lazily: bool = False):
 
     import pyarrow.parquet as pq
 
-    from vistralv_ray.data.pipeline import SHARD_COLUMNS, shard_files
+    from vistralv_ray.data.pipeline import shard_files
     from vistralv_ray.data.preprocess import PackingCollate, Preprocessor
+    from vistralv_ray.data.shards import SHARD_COLUMNS
     from vistralv_ray.model.assembly import build_tokenizer
 
     rows = pq.read_table(shard_files(cfg.data.train), columns=SHARD_COLUMNS).to_pydict()

@@ -176,6 +176,19 @@ def format_data(r: dict) -> str:
             )
         )
         out.append(f"peak PSS growth for x{mem['runs'][1]['scale']} the data: x{mem['peak_growth']:.2f}")
+    mix = r.get("mixing")
+    if mix:
+        out += ["", f"(d) shuffling: mean distinct subsets per global batch; {mix['corpus']}"]
+        rows = [
+            [
+                f"{m['workers']} x {m['per_device_batch']}",
+                f"{m['ours']:.2f}",
+                f"{m['shards']:.2f}",
+                f"{m['random']:.2f}",
+            ]
+            for m in mix["rows"]
+        ]
+        out.append(_table(["workers x batch", "ours", "whole shards (before)", "random permutation"], rows))
     return "\n".join(out)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from vistralv_ray.config.schema import Config
+from vistralv_ray.config.schema import RANDOM_PROJECTOR, Config
 
 
 class ConfigError(ValueError):
@@ -197,6 +197,20 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_projector_start(cfg: Config) -> None:
+    """Before a training run starts: a finetune begins from the stage-1 projector, never from a random
+    one by accident. (Not part of `validate`: `plan`, `prepare --config` and export read finetune
+    recipes and runs without needing the align run.)"""
+    m = cfg.model
+    _require(
+        cfg.train.stage != "finetune" or bool(m.init_projector_from),
+        "model.init_projector_from",
+        "train.stage=finetune needs the projector learned in stage 1: set it to the align run's name under "
+        "run.storage, its run directory, a checkpoint or a projector.safetensors file (local or s3://); "
+        f"'{RANDOM_PROJECTOR}' starts from a freshly initialised projector on purpose",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.scaling
@@ -221,6 +235,8 @@ def validate(cfg: Config) -> None:
     _require(d.preprocess_cpus_per_actor > 0, "data.preprocess_cpus_per_actor", "must be > 0")
     _require(d.prefetch_batches >= 0, "data.prefetch_batches", "allowed: >= 0")
     _require(d.map_batch_size >= 1, "data.map_batch_size", "allowed: >= 1")
+    _require(d.shuffle_row_groups >= 1, "data.shuffle_row_groups", "allowed: >= 1")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "allowed: >= 0 (rows per worker; 0 turns it off)")
     _require(d.max_block_mb >= 1, "data.max_block_mb", "allowed: >= 1 (MB)")
     _require(t.epochs >= 1, "train.epochs", f"{t.epochs}; allowed: >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "allowed: null or >= 1")
@@ -237,6 +253,17 @@ def validate(cfg: Config) -> None:
     _require(
         not t.offload_params or t.zero_stage == 3, "train.offload_params", "parameter offload needs train.zero_stage=3"
     )
+    _require(
+        t.zero3_persistence_threshold is None or t.zero3_persistence_threshold >= 0,
+        "train.zero3_persistence_threshold",
+        "allowed: null or >= 0 (elements)",
+    )
+    _require(
+        t.precision != "fp16",
+        "train.precision",
+        "fp16 is not supported: its loss scaler skips optimizer steps on overflow, which would leave the "
+        "step count and LR schedule out of step with the data; use bf16 (A100, H100) or fp32",
+    )
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", "allowed: >= 1")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "allowed: >= 1")
     _require(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "allowed: null or >= 1")
@@ -244,6 +271,17 @@ def validate(cfg: Config) -> None:
     _require(s.workers >= 1, "scaling.workers", f"{s.workers}; allowed: >= 1")
     _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "allowed: >= 0")
     _require(s.max_failures >= -1, "scaling.max_failures", "allowed: -1 (forever) or >= 0")
+    _require(
+        s.min_workers is None or 1 <= s.min_workers <= s.workers,
+        "scaling.min_workers",
+        f"{s.min_workers}; allowed: null (fixed size) or 1 <= min_workers <= scaling.workers ({s.workers})",
+    )
+    _require(s.resize_interval_s >= 0, "scaling.resize_interval_s", "allowed: >= 0 (seconds)")
+    _require(
+        s.min_workers is None or s.min_workers == s.workers or s.max_failures != 0,
+        "scaling.max_failures",
+        "an elastic run (scaling.min_workers set) shrinks by restarting after a worker is lost: allowed: -1 or >= 1",
+    )
     _require(bool(cfg.run.storage), "run.storage", "must not be empty")
     if cfg.run.name is not None:
         _require(

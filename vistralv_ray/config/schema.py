@@ -18,6 +18,8 @@ REFERENCE_BATCH = {"align": 256, "finetune": 128}
 
 VISTRAL_LM = "Viet-Mistral/Vistral-7B-Chat"
 SIGLIP_TOWER = "google/siglip-base-patch16-256-multilingual"
+# model.init_projector_from: a finetune that starts from a freshly initialised projector, said explicitly.
+RANDOM_PROJECTOR = "random"
 
 
 @dataclass
@@ -48,7 +50,9 @@ class ModelConfig:
     system_prompt: str | None = None
     max_length: int = 2048
     lora: LoraSettings = field(default_factory=LoraSettings)
-    # An align run (directory, checkpoint or run name under run.storage) whose projector starts finetune.
+    # An align run (directory, checkpoint or run name under run.storage) whose projector starts finetune,
+    # or a projector.safetensors file; `random` (RANDOM_PROJECTOR) starts a finetune from a fresh projector
+    # on purpose. A finetune without it does not start (see `loader.check_projector_start`).
     init_projector_from: str | None = None
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
@@ -64,6 +68,12 @@ class DataConfig:
     # Token budget of one packed row (>= model.max_length); None: the whole micro-batch in one row.
     pack_length: int | None = None
     shuffle: bool = True
+    # Shuffling: each preprocessing call reads this many row groups (64 rows each), drawn in a new random
+    # order every epoch from all shards, and interleaves their rows at random; the trainer's local buffer
+    # (shuffle_buffer rows per worker) mixes further. More row groups: closer to a global permutation,
+    # and more raw rows held per preprocessing actor (row groups x 64 x the mean encoded image size).
+    shuffle_row_groups: int = 16
+    shuffle_buffer: int = 256
     # Images above this many pixels are rejected as decompression bombs.
     max_image_pixels: int = 89_478_485
     preprocess_actors: int = 1
@@ -101,6 +111,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     zero_stage: Literal[2, 3] = 2
+    # ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of partitioning
+    # them (fewer gathers, more memory). None: 1e6 on GPU, 1e4 on CPU.
+    zero3_persistence_threshold: int | None = None
     offload_optimizer: bool = False
     offload_params: bool = False
     # auto: bf16 on GPU, fp32 on CPU.
@@ -115,7 +128,18 @@ class TrainConfig:
 
 @dataclass
 class ScalingSettings:
+    # The target worker count; with min_workers set, the most the run grows to.
     workers: int = 1
+    # None: a fixed-size run. Set: Ray Train's elastic mode, the group runs with as many workers between
+    # min_workers and workers as the cluster holds, and restarts at a new size when that changes.
+    min_workers: int | None = None
+    # Elastic runs: how often Ray Train checks whether more workers fit (a grow); a shrink is a failure
+    # and restarts at once (it counts against max_failures).
+    resize_interval_s: float = 60.0
+    # What a resize means. keep_global_batch: grad accumulation absorbs the change, the global batch (and
+    # so the LR) stay as planned, the nearest batch when not divisible. rescale_lr: accumulation fixed,
+    # the global batch follows the worker count and train.lr_rule re-derives the LR from it.
+    elastic_policy: Literal["keep_global_batch", "rescale_lr"] = "keep_global_batch"
     # auto: GPUs when the cluster has them.
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = 1.0

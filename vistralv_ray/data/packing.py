@@ -65,6 +65,7 @@ class TrainBatch:
     num_target_tokens: int
     sum_sq_lengths: int = 0  # sum of squared sample lengths: the attention cost of packed samples
     sample_ids: list[str] = field(default_factory=list)
+    sample_keys: list[int] = field(default_factory=list)  # resume keys (`preprocess.row_key`), one per sample
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (id, reason, detail)
 
     @property
@@ -87,6 +88,7 @@ class TrainBatch:
             num_target_tokens=self.num_target_tokens,
             sum_sq_lengths=self.sum_sq_lengths,
             sample_ids=self.sample_ids,
+            sample_keys=self.sample_keys,
             rejected=self.rejected,
         )
 

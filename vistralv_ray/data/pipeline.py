@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 
 from vistralv_ray.config.schema import Config
 from vistralv_ray.data import storage
-
-SHARD_COLUMNS = ["id", "image", "messages"]
+from vistralv_ray.data.shards import row_group_units
 
 # Ray 2.60's read_parquet (eval reads its shards with it) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
 # (default 32) footer-reading actors, each a Python process, every time a dataset executes. On a 2-core
@@ -49,8 +48,8 @@ def count_records(files: list[str]) -> int:
     return total
 
 
-def shard_dataset(files: list[str], cfg: Config, shuffle: bool):
-    """One row per shard URI: the preprocessing actors read the shards themselves.
+def shard_dataset(units: list[dict], cfg: Config, shuffle: bool):
+    """One row per shard row group (`shards.row_group_units`): the preprocessing actors read the shards.
 
     Reading them in a separate Ray Data stage (`read_parquet`) let Ray 2.60 read ahead of a slow
     consumer into the next stage's queue, past the pipeline's object-store budget: the reading
@@ -59,14 +58,14 @@ def shard_dataset(files: list[str], cfg: Config, shuffle: bool):
     """
     import ray.data
 
-    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
-    if shuffle:  # a new shard order every epoch, reproducible from the seed
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    if shuffle:  # a new row-group order every epoch, reproducible from the seed
         seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
         ds = ds.randomize_block_order(seed=seed)
     return ds
 
 
-def preprocess(ds, cfg: Config, skip_keys_uri: str | None = None):
+def preprocess(ds, cfg: Config, shuffle: bool, skip_keys_uri: str | None = None):
     import ray.data
 
     from vistralv_ray.data.preprocess import ShardPreprocessor
@@ -78,8 +77,9 @@ def preprocess(ds, cfg: Config, skip_keys_uri: str | None = None):
             "max_pixels": cfg.data.max_image_pixels,
             "rows_per_call": cfg.data.map_batch_size,
             "skip_keys_uri": skip_keys_uri,
+            "shuffle_seed": cfg.train.seed if shuffle else None,
         },
-        batch_size=1,  # one shard per call; it yields map_batch_size records at a time
+        batch_size=cfg.data.shuffle_row_groups if shuffle else 1,  # row groups per call, interleaved
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.data.preprocess_actors),
         num_cpus=cfg.data.preprocess_cpus_per_actor,
@@ -101,11 +101,11 @@ def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dic
     for name, uris, shuffle in (("train", cfg.data.train, cfg.data.shuffle), ("eval", cfg.data.eval, False)):
         if not uris:
             continue
-        files = shard_files(uris)
-        counts[name] = count_records(files)
-        datasets[name] = _configure(preprocess(shard_dataset(files, cfg, shuffle), cfg), cfg)
+        units = row_group_units(shard_files(uris))
+        counts[name] = sum(u["rows"] for u in units)
+        datasets[name] = _configure(preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle), cfg)
         if name == "train" and resume_skip_uri:
-            resumed = preprocess(shard_dataset(files, cfg, shuffle), cfg, resume_skip_uri)
+            resumed = preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle, resume_skip_uri)
             datasets["train_resume"] = _configure(resumed, cfg)
     if "train" not in datasets:
         raise FileNotFoundError("data.train: no training shards given")
@@ -116,5 +116,21 @@ def _configure(ds, cfg: Config):
     # Each dataset carries its own copy of the DataContext, which Ray Train's split executes
     # with: setting it here leaves other pipelines in this process as they are.
     ds.context.enable_progress_bars = cfg.data.progress_bars
+
     ds.context.target_max_block_size = cfg.data.max_block_mb << 20
     return ds
+
+
+def ingest_options(cfg: Config, names) -> dict:
+    """Ray Train's execution options per dataset (Train replaces each dataset's own with these): Ray
+    Data's ingest defaults, and for data that is not shuffled, its order kept. Ray Data otherwise hands
+    blocks on as they finish, and a resumed run trained the rest of a shard in another order than an
+    uninterrupted one."""
+    import ray.train
+
+    options = {}
+    for name in names:
+        opts = ray.train.DataConfig.default_ingest_options()
+        opts.preserve_order = not (cfg.data.shuffle and name.startswith("train"))
+        options[name] = opts
+    return options

@@ -9,22 +9,17 @@ so the training loop reports every rejection.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from vistralv_ray.config.schema import ModelConfig
-from vistralv_ray.data.images import decode_to_pixels
+from vistralv_ray.data.images import decode_to_pixels, pixel_stats
 from vistralv_ray.data.packing import TrainBatch, layout_batch
+from vistralv_ray.data.shards import interleaved_rows, read_row_group, record_key, row_group_units
 from vistralv_ray.errors import RecordError
 from vistralv_ray.text.conversation import normalize_messages
-
-
-def record_key(record_id: str) -> int:
-    """A compact key for a record id (resume bookkeeping keeps sets of these)."""
-    return zlib.crc32(record_id.encode()) << 32 | zlib.adler32(record_id.encode())
 
 
 class Preprocessor:
@@ -37,12 +32,16 @@ class Preprocessor:
         self.model_cfg: ModelConfig = _build(ModelConfig, model_cfg, "model")
         self.encoder = build_encoder(self.model_cfg)  # once per actor: loading a tokenizer is slow
         self.size = self.model_cfg.image_size or load_vision_config(self.model_cfg.vision_tower).image_size
+        self.pad_fill = pixel_stats(self.model_cfg.vision_tower).fill  # the image mean, as the export pads
         self.max_pixels = max_pixels
         # Records already trained on in a resumed epoch: left out here, before any decoding.
         self.skip_keys = load_keys(skip_keys_uri) if skip_keys_uri else frozenset()
 
-    def __call__(self, batch: dict[str, Sequence]) -> dict[str, np.ndarray]:
-        keep = [i for i, rid in enumerate(batch["id"]) if record_key(str(rid)) not in self.skip_keys]
+    def __call__(self, batch: dict[str, Sequence], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """`keys`: each row's resume key (`row_key`); without them, rows are keyed by their ids."""
+        if keys is None:
+            keys = [record_key(str(rid)) for rid in batch["id"]]
+        keep = [i for i, key in enumerate(keys) if key not in self.skip_keys]
         out_ids, out_labels, out_pixels, has_image, reasons, details = [], [], [], [], [], []
         blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
         for i in keep:
@@ -53,7 +52,7 @@ class Preprocessor:
                 pixels = (
                     blank
                     if image is None
-                    else decode_to_pixels(image, self.size, self.model_cfg.aspect, self.max_pixels)
+                    else decode_to_pixels(image, self.size, self.model_cfg.aspect, self.max_pixels, self.pad_fill)
                 )
                 out_ids.append(encoded.input_ids)
                 out_labels.append(encoded.labels)
@@ -70,6 +69,7 @@ class Preprocessor:
                 details.append(e.detail)
         return {
             "id": np.asarray([batch["id"][i] for i in keep], dtype=object),
+            "key": np.asarray([keys[i] for i in keep], dtype=np.uint64),
             "input_ids": _ragged(out_ids),
             "labels": _ragged(out_labels),
             "pixel_values": np.stack(out_pixels) if keep else np.zeros((0, self.size, self.size, 3), np.uint8),
@@ -80,37 +80,46 @@ class Preprocessor:
 
 
 class ShardPreprocessor:
-    """Ray Data `map_batches` callable: shard URIs -> preprocessed rows, `rows_per_call` at a time.
+    """Ray Data `map_batches` callable: row groups of shards -> preprocessed rows, `rows_per_call` at a time.
 
-    Reading inside the actor keeps a single buffered stage (see `pipeline.shard_dataset`); a shard
-    is read one row group at a time (`prepare.SHARD_ROW_GROUP_ROWS`), not whole. A shard that
-    cannot be read is an error naming it.
+    Reading inside the actor keeps a single buffered stage (see `pipeline.shard_dataset`). Each call
+    gets a few row groups (`data.shuffle_row_groups`, from `shards.row_group_units`), drawn from all
+    shards in a new order every epoch; with `shuffle_seed` their rows are interleaved at random, so a
+    global batch mixes many places of the corpus (a corpus sorted by source is not trained source by
+    source). A shard that cannot be read is an error naming it.
     """
 
-    def __init__(self, model_cfg: dict, max_pixels: int, rows_per_call: int, skip_keys_uri: str | None = None):
+    def __init__(
+        self,
+        model_cfg: dict,
+        max_pixels: int,
+        rows_per_call: int,
+        skip_keys_uri: str | None = None,
+        shuffle_seed: int | None = None,
+    ):
         self.preprocessor = Preprocessor(model_cfg, max_pixels, skip_keys_uri)
         self.rows_per_call = rows_per_call
+        self.shuffle_seed = shuffle_seed
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        for uri in batch["uri"]:
-            yield from self.shard(str(uri))
+        if "row_group" not in batch:  # whole shards, in order, one row group at a time
+            for uri in batch["uri"]:
+                try:
+                    units = row_group_units([str(uri)])
+                except Exception as e:
+                    raise OSError(f"{uri}: cannot read the shard: {e}") from e
+                for unit in units:
+                    yield from self.rows(*read_row_group(unit["uri"], unit["row_group"], unit["first_row"]))
+            return
+        units = [(str(u), int(g), int(f)) for u, g, f in zip(batch["uri"], batch["row_group"], batch["first_row"])]
+        yield from self.rows(*interleaved_rows(units, self.shuffle_seed))
 
-    def shard(self, uri: str):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from vistralv_ray.data import storage
-        from vistralv_ray.data.pipeline import SHARD_COLUMNS
-
-        fs, path = storage.filesystem_for(uri)
-        try:
-            with fs.open_input_file(path) as f:
-                for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_call, columns=SHARD_COLUMNS):
-                    out = self.preprocessor(rows.to_pydict())
-                    if len(out["id"]):  # a resumed epoch may skip every row of a batch
-                        yield out
-        except (OSError, pa.ArrowException) as e:
-            raise OSError(f"{uri}: cannot read the shard: {e}") from e
+    def rows(self, columns: dict[str, list], keys: list[int]):
+        for start in range(0, len(keys), self.rows_per_call):
+            chunk = {name: values[start : start + self.rows_per_call] for name, values in columns.items()}
+            out = self.preprocessor(chunk, keys[start : start + self.rows_per_call])
+            if len(out["id"]):  # a resumed epoch may skip every row of a chunk
+                yield out
 
 
 def save_keys(uri: str, keys) -> None:
@@ -149,7 +158,7 @@ class PackingCollate(NumpyBatchCollateFn):
         self.pack_length = pack_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> TrainBatch:
-        ids, labels, images, sample_ids, rejected = [], [], [], [], []
+        ids, labels, images, sample_ids, sample_keys, rejected = [], [], [], [], [], []
         for i, rid in enumerate(batch["id"]):
             rid = str(rid)
             if batch["reject_reason"][i]:
@@ -159,8 +168,10 @@ class PackingCollate(NumpyBatchCollateFn):
             labels.append(np.asarray(batch["labels"][i]))
             images.append(batch["pixel_values"][i] if batch["has_image"][i] else None)
             sample_ids.append(rid)
+            sample_keys.append(int(batch["key"][i]) if "key" in batch else record_key(rid))
         image_shape = tuple(batch["pixel_values"].shape[1:])
         out = layout_batch(ids, labels, images, self.pad_id, self.mode, self.pack_length, image_shape)
         out.sample_ids = sample_ids
+        out.sample_keys = sample_keys
         out.rejected = rejected
         return out

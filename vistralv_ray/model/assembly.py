@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionModel
 
-from vistralv_ray.config.schema import LoraSettings, ModelConfig
+from vistralv_ray.config.schema import RANDOM_PROJECTOR, LoraSettings, ModelConfig
 from vistralv_ray.logging import get_logger
 from vistralv_ray.text.templates import IMAGE_TOKEN, chat_template_for
 from vistralv_ray.text.tokenizer import load_tokenizer, prepare_tokenizer
@@ -91,9 +91,12 @@ def build_encoder(model_cfg: ModelConfig):
 
 
 def build_model(
-    model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0
 ) -> AssembledModel:
-    """Load the language model and vision tower and join them with a fresh mlp2x_gelu projector."""
+    """Load the language model and vision tower and join them with a fresh mlp2x_gelu projector.
+
+    `seed` (the run's train.seed) initialises the fresh projector: the same on every rank and every
+    rebuild with that seed, and another projector for another seed."""
     tokenizer, template = build_tokenizer(model_cfg)
     lm = AutoModelForCausalLM.from_pretrained(
         model_cfg.language_model, dtype=dtype, attn_implementation=attn_implementation
@@ -121,14 +124,16 @@ def build_model(
     model.model.language_model = lm.model
     model.lm_head = lm.lm_head
     projector = model.model.multi_modal_projector.to_empty(device="cpu")
-    torch.manual_seed(0)  # the fresh projector is the same on every rank and every run
+    torch.manual_seed(seed)  # the fresh projector is the same on every rank and every rebuild
     for layer in (projector.linear_1, projector.linear_2):
         layer.reset_parameters()
     projector.to(dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model_cfg.init_projector_from:
+    if model_cfg.init_projector_from and model_cfg.init_projector_from != RANDOM_PROJECTOR:
         load_projector(model, model_cfg.init_projector_from)
+    elif model_cfg.init_projector_from == RANDOM_PROJECTOR:
+        log.warning("model.init_projector_from=%s: the projector starts freshly initialised", RANDOM_PROJECTOR)
     return AssembledModel(
         model=model,
         tokenizer=tokenizer,

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import yaml
 
-from vistralv_ray.config.loader import config_to_dict
-from vistralv_ray.config.schema import Config
+from vistralv_ray.config.loader import check_projector_start, config_to_dict
+from vistralv_ray.config.schema import RANDOM_PROJECTOR, Config
 from vistralv_ray.data import storage
 from vistralv_ray.data.pipeline import RAY_DATA_ENV
 from vistralv_ray.logging import get_logger
 from vistralv_ray.ray_runtime import cluster_address, init_ray
-from vistralv_ray.training.scaling import lr_plan
+from vistralv_ray.training.checkpointing import resume_plan as checkpoint_resume_plan
+from vistralv_ray.training.optim import warmup_steps_for
+from vistralv_ray.training.preflight import run_preflight
+from vistralv_ray.training.scaling import elastic_table, lr_plan
 
 log = get_logger(__name__)
 
@@ -103,6 +106,45 @@ def planned_steps(cfg: Config, train_records: int) -> tuple[int, int]:
     return per_epoch, total
 
 
+def worker_count(cfg: Config) -> int | tuple[int, int]:
+    """ScalingConfig(num_workers): a fixed count, or (min, max) for Ray Train's elastic mode."""
+    s = cfg.scaling
+    return s.workers if s.min_workers is None else (s.min_workers, s.workers)
+
+
+def check_resume_plan(cfg: Config, run_uri: str, resume_plan: dict) -> None:
+    """A run that resumes must keep the plan of its newest checkpoint (steps, workers, batch, LRs):
+    otherwise the restored optimizer and LR schedule would be silently re-timed. Checked before any
+    worker starts; a checkpoint written before plans were recorded is not checked."""
+    import json
+
+    from vistralv_ray.config import ConfigError
+    from vistralv_ray.training.checkpointing import STATE_FILE, latest_checkpoint_uri, resume_changes
+
+    try:
+        checkpoint = latest_checkpoint_uri(run_uri)
+    except FileNotFoundError:
+        return  # a new run
+    saved = json.loads(storage.read_bytes(storage.join(checkpoint, STATE_FILE))).get("plan", {})
+    changes = resume_changes(cfg, saved, resume_plan)
+    if changes:
+        raise ConfigError(
+            f"run.name: run {cfg.run_name} resumes from {checkpoint}, planned with other values ("
+            + "; ".join(changes)
+            + "): give this run another run.name, or set back the values it was started with"
+        )
+    if saved and saved.get("world_size", resume_plan["world_size"]) != resume_plan["world_size"]:
+        log.info(
+            "resuming elastic run %s from %s, written at %d workers: same plan, re-derived per worker count by %s",
+            cfg.run_name,
+            checkpoint,
+            saved["world_size"],
+            cfg.scaling.elastic_policy,
+        )
+    elif saved:
+        log.info("resuming run %s from %s: same plan", cfg.run_name, checkpoint)
+
+
 def write_run_files(cfg: Config, run_uri: str, extra: dict) -> None:
     """The resolved config and the LR arithmetic; an existing, different config is kept, not overwritten."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
@@ -137,12 +179,16 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vistralv_ray.data.pipeline import build_datasets
+    from vistralv_ray.data.pipeline import build_datasets, ingest_options
     from vistralv_ray.training.loop import PROBE_ENV, train_loop_per_worker
 
+    check_projector_start(cfg)  # before Ray, workers or GPUs
+    if cluster_address():
+        ensure_ray(cfg)  # its nodes and node types are what preflight checks the run against
+    cfg = run_preflight(cfg)  # placeholders, credentials, GPUs and resources, before any GPU node
     ensure_ray(cfg)
     cfg = absolute_local_paths(cfg)
-    if cfg.model.init_projector_from:
+    if cfg.model.init_projector_from and cfg.model.init_projector_from != RANDOM_PROJECTOR:
         from vistralv_ray.model.assembly import resolve_projector_uri
 
         # Resolved once here (a run name becomes its newest checkpoint), so every worker loads the same file.
@@ -158,19 +204,36 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     lr = lr_plan(cfg)
     log.info("learning rate: %s", lr.arithmetic())
     log.info("data: %s records; %d steps per epoch, %d steps planned", counts, per_epoch, total)
+    resume_plan = checkpoint_resume_plan(cfg, total)
+    if cfg.scaling.min_workers is not None:
+        for row in elastic_table(cfg, counts["train"]):
+            log.info("elastic: at %d workers: %s", row["workers"], row["note"] or "as planned")
+    check_resume_plan(cfg, run_uri, resume_plan)
     write_run_files(
         cfg,
         run_uri,
-        {**lr.to_dict(), "records": counts, "steps_per_epoch": per_epoch, "total_steps": total, "use_gpu": use_gpu},
+        {
+            **lr.to_dict(),
+            "records": counts,
+            "steps_per_epoch": per_epoch,
+            "total_steps": total,
+            "use_gpu": use_gpu,
+            **({"elastic": elastic_table(cfg, counts["train"])} if cfg.scaling.min_workers is not None else {}),
+        },
     )
     wandb_dir = local_run_dir or Path("~/.cache/vistralv-ray").expanduser() / cfg.run_name
     plan = {
         "use_gpu": use_gpu,
         "total_steps": total,
+        # The schedule and the end of the run in samples (see optim.sample_lr_factor): a resized
+        # elastic run takes steps of another size.
+        "total_samples": resume_plan["total_samples"],
+        "warmup_samples": warmup_steps_for(total, cfg.train.warmup_ratio) * lr.global_batch,
         "steps_per_epoch": per_epoch,
         "effective_lr": lr.effective_lr,
         "projector_lr": lr.projector_lr,
         "lr_plan": lr.to_dict(),
+        "resume_plan": resume_plan,
         "datasets": sorted(datasets),
         "resume_skip_uri": resume_skip_uri,
         "run_name": cfg.run_name,
@@ -189,7 +252,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         train_loop_config={"config": dataclasses.asdict(cfg), "plan": plan},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=worker_count(cfg),
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
@@ -200,7 +266,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             callbacks=callbacks or [],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=ingest_options(cfg, datasets)),
     )
     return trainer, plan
 

@@ -7,13 +7,16 @@ agreed on with an all-reduce, and a rank without a batch still runs the same mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,7 +25,17 @@ from vistralv_ray.config.schema import Config
 from vistralv_ray.data.packing import TrainBatch
 from vistralv_ray.errors import REJECT_REASONS
 from vistralv_ray.logging import get_logger
-from vistralv_ray.training.checkpointing import CONFIG_FILE, DEEPSPEED_DIR, RUN_INFO_FILE, TrainerState
+from vistralv_ray.training.checkpointing import (
+    CONFIG_FILE,
+    DEEPSPEED_DIR,
+    RUN_INFO_FILE,
+    TrainerState,
+    restore_rng_state,
+    resume_changes,
+    resume_plan,
+    save_rng_state,
+)
+from vistralv_ray.training.scaling import elastic_note, lr_plan
 
 log = get_logger(__name__)
 
@@ -59,6 +72,19 @@ class Worker:
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         quiet_ray_train_reports()
         self.history: list[dict] = []
+        # The batch and LRs at this attempt's world size: the planned ones at scaling.workers, and
+        # what scaling.elastic_policy makes of another size in an elastic run.
+        self.lr = lr_plan(cfg, self.world)
+        self.resume_plan = resume_plan(cfg, plan["total_steps"], self.world)
+        self.resize: dict = {}  # set by restore() when this attempt runs at another size than its checkpoint
+        if self.world != cfg.scaling.workers and self.rank == 0:
+            log.warning(
+                "elastic: training with %d of %d workers: %s (%s)",
+                self.world,
+                cfg.scaling.workers,
+                elastic_note(cfg, self.lr),
+                self.lr.arithmetic(),
+            )
 
     # ---- setup -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -66,13 +92,16 @@ class Worker:
 
         from vistralv_ray.model.assembly import apply_stage, build_model, llava_of, resolve_attn_implementation
         from vistralv_ray.training.metrics import FlopModel
-        from vistralv_ray.training.optim import build_param_groups, lr_lambda, warmup_steps_for
+        from vistralv_ray.training.optim import SampleSchedule, build_param_groups
         from vistralv_ray.training.strategy import build_deepspeed_config, build_optimizer
 
         cfg, t = self.cfg, self.cfg.train
+        # train.seed governs everything seeded: the fresh projector, LoRA, dropout, Python/NumPy draws.
+        random.seed(t.seed)
+        np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         attn = resolve_attn_implementation(cfg.model.attn_implementation, self.on_gpu)
-        assembled = build_model(cfg.model, dtype=self.dtype, attn_implementation=attn)
+        assembled = build_model(cfg.model, dtype=self.dtype, attn_implementation=attn, seed=t.seed)
         self.tokenizer = assembled.tokenizer
         model = apply_stage(assembled.model, t.stage, cfg.model.lora)
         if t.gradient_checkpointing:
@@ -81,21 +110,26 @@ class Worker:
             )
         model.to(self.device)
         self.flops = FlopModel.of(model)
-        groups = build_param_groups(model, self.plan["effective_lr"], self.plan["projector_lr"], t.weight_decay)
+        groups = build_param_groups(model, self.lr.effective_lr, self.lr.projector_lr, t.weight_decay)
         for g in groups:
             g.pop("param_names")
         # The scheduler's LRs come in this order; `lr` is the language model's, `projector_lr` the projector's.
         self.group_names = [g["name"] for g in groups]
         optimizer = build_optimizer(groups, cfg, self.on_gpu)
-        total = self.plan["total_steps"]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total, warmup_steps_for(total, t.warmup_ratio), t.schedule)
+        # Over samples, so that a resized run keeps its place in the warmup and decay (optim.py).
+        self.scheduler = SampleSchedule(
+            optimizer,
+            [g["lr"] for g in groups],
+            self.plan["total_samples"],
+            self.plan["warmup_samples"],
+            t.schedule,
         )
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        # DeepSpeed's accumulation is this world size's (keep_global_batch recomputes it).
+        ds_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=self.lr.grad_accum))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=schedule,
-            config=build_deepspeed_config(cfg, self.world, self.on_gpu),
+            config=build_deepspeed_config(ds_cfg, self.world, self.on_gpu),
             dist_init_required=False,
         )
 
@@ -106,10 +140,44 @@ class Worker:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return TrainerState(total_steps=self.plan["total_steps"])
+            return TrainerState(total_steps=self.plan["total_steps"], plan=self.resume_plan)
         with checkpoint.as_directory() as d:
             state = TrainerState.load(Path(d))
-            load_engine(self.engine, Path(d) / DEEPSPEED_DIR, state.tag)
+            # The driver checked the newest checkpoint it saw; Ray may hand over a newer one. An
+            # elastic run's other world size is no change when the policy explains it.
+            changes = resume_changes(self.cfg, state.plan, self.resume_plan)
+            if changes:
+                raise RuntimeError(f"{checkpoint.path}: the run's plan changed since this checkpoint: {changes}")
+            saved_world = state.plan.get("world_size", self.world)
+            if saved_world != self.world:
+                # ZeRO partitions the optimizer state by rank: re-partition it for this world size.
+                load_resized_engine(self.engine, Path(d) / DEEPSPEED_DIR, state.tag, self.rank)
+                self.resize = {
+                    "resized_from": saved_world,
+                    "world_size": self.world,
+                    "checkpoint_saved_at": state.saved_at,
+                }
+                if self.rank == 0:
+                    log.warning(
+                        "elastic: resized %d -> %d workers at sample %d (step %d): global batch %s -> %d, "
+                        "grad accumulation %d, effective LR %s -> %.6g (%s)",
+                        saved_world,
+                        self.world,
+                        state.samples_seen,
+                        state.step,
+                        state.plan.get("global_batch"),
+                        self.lr.global_batch,
+                        self.lr.grad_accum,
+                        state.plan.get("effective_lr"),
+                        self.lr.effective_lr,
+                        self.cfg.scaling.elastic_policy,
+                    )
+            else:
+                load_engine(self.engine, Path(d) / DEEPSPEED_DIR, state.tag)
+            if not restore_rng_state(Path(d), self.rank):
+                log.warning("checkpoint has no RNG state for rank %d: dropout continues from a fresh seed", self.rank)
+        # From here on, checkpoints record the plan (world size, batch, LRs) this attempt trains under.
+        state.plan = self.resume_plan
         log.info(
             "resumed from step %d (epoch %d, %d records already seen)", state.step, state.epoch, len(state.seen_keys)
         )
@@ -129,7 +197,9 @@ class Worker:
             batch_size=d.per_device_batch,
             collate_fn=collate,
             prefetch_batches=d.prefetch_batches,
-            local_shuffle_buffer_size=4 * d.per_device_batch if shuffle else None,
+            local_shuffle_buffer_size=max(d.shuffle_buffer, d.per_device_batch)
+            if shuffle and d.shuffle_buffer
+            else None,
             local_shuffle_seed=self.cfg.train.seed + epoch if shuffle else None,
         )
 
@@ -178,7 +248,10 @@ class Worker:
         built = time.perf_counter()
         state = self.restore()
         restored = time.perf_counter()
-        total, accum = self.plan["total_steps"], self.cfg.train.grad_accum
+        total_samples, accum = self.plan["total_samples"], self.lr.grad_accum
+        # The run ends at its planned samples (at the planned size: its planned steps); a resized run
+        # takes steps of another size, and its last step may end past them by less than one step.
+        self.scheduler.set_position(state.samples_seen, self.lr.global_batch)
         self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
         self.wandb = self.start_wandb() if self.rank == 0 else None
         self.bar = self.start_progress_bar(state.step) if self.rank == 0 else None
@@ -186,9 +259,9 @@ class Worker:
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
         first_step = self.rank == 0
         self.engine.train()
-        while state.step < total:
+        while state.samples_seen < total_samples:
             iterator = iter(self.batches(self.train_dataset_for(state), state.epoch))
-            while state.step < total:
+            while state.samples_seen < total_samples:
                 micro = []
                 while len(micro) < accum:
                     batch = self.next_batch(iterator, timer)
@@ -211,11 +284,16 @@ class Worker:
                     )
                 loss = self.optimizer_step(micro, global_targets)
                 state.step += 1
+                # Records consumed (rejected ones too): the data position the schedule follows.
+                state.samples_seen += self.lr.global_batch
+                self.scheduler.set_position(state.samples_seen, self.lr.global_batch)
+                if self.resize and "resize_s" not in self.resize:
+                    self.resize.update(self.resize_timeline(started, built, restored))
                 if self.bar is not None:
                     self.bar.update(1)
                 self.maybe_inject_fault(state.step)
                 for b in micro:
-                    state.seen_keys.update(_keys(b.sample_ids))
+                    state.seen_keys.update(b.sample_keys)
                 tokens = sum(b.num_tokens for b in micro)
                 state.epoch_samples += int(global_samples)
                 window["samples"] += samples
@@ -229,13 +307,13 @@ class Worker:
                     log.error("loss is %s at step %d: stopping (diverged)", loss, state.step)
                     metrics = self.report(state, window, timer, diverged=True)
                     return self.finish(state, metrics)
-                last = state.step == total
+                last = state.samples_seen >= total_samples
                 if (
                     state.step % self.cfg.train.log_every == 0
                     or last
                     or state.step % self.cfg.train.checkpoint_every == 0
                 ):
-                    self.report(state, window, timer, eval_now=self.eval_due(state.step, last))
+                    self.report(state, window, timer, eval_now=self.eval_due(state.step, last), last=last)
                     window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
             else:
                 break  # the planned steps are done (the inner loop ended without running out of data)
@@ -294,7 +372,9 @@ class Worker:
         return {"eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(min(eval_loss, 50.0))))}
 
     # ---- reporting and checkpoints -----------------------------------------------------------
-    def report(self, state: TrainerState, window: dict, timer, eval_now: bool = False, diverged: bool = False):
+    def report(
+        self, state: TrainerState, window: dict, timer, eval_now: bool = False, diverged: bool = False, last=False
+    ):
         import ray.train
 
         from vistralv_ray.training.metrics import memory_mb, peak_flops_per_device
@@ -330,13 +410,21 @@ class Worker:
             "memory_mb": memory_mb(self.device),
             "rejected_records": int(sum(rejected.values())),
             "diverged": diverged,
+            # Elastic runs: the size trained at and what it means (constant in a fixed-size run).
+            "world_size": self.world,
+            "global_batch": self.lr.global_batch,
+            "grad_accum": self.lr.grad_accum,
+            "effective_lr": self.lr.effective_lr,
+            "samples_seen": state.samples_seen,
         }
+        if self.resize and not self.resize.get("reported") and "resize_s" in self.resize:
+            # Once, in the first report after a resize: where it came from and what it cost.
+            self.resize["reported"] = True
+            metrics.update({k: v for k, v in self.resize.items() if k not in ("reported", "world_size")})
         metrics.update({f"rejected_{k}": int(v) for k, v in rejected.items() if v})
         if eval_now and not diverged:
             metrics.update(self.evaluate())
-        checkpoint_now = diverged is False and (
-            state.step % self.cfg.train.checkpoint_every == 0 or state.step == self.plan["total_steps"]
-        )
+        checkpoint_now = diverged is False and (state.step % self.cfg.train.checkpoint_every == 0 or last)
         metrics = {k: v for k, v in metrics.items() if v is not None}
         self.history.append(metrics)
         if self.rank == 0:
@@ -364,8 +452,10 @@ class Worker:
         from vistralv_ray.training.strategy import save_engine
 
         state.tag = f"step-{state.step}"
+        state.saved_at = time.time()
         save_engine(self.engine, directory / DEEPSPEED_DIR, state.tag)
         state.save(directory, self.rank)
+        save_rng_state(directory, self.rank)
         projector = projector_state(self.engine.module)  # every rank: ZeRO-3 gathers it
         if self.rank == 0:
             save_projector(self.engine.module, directory / PROJECTOR_FILE, projector)
@@ -376,6 +466,20 @@ class Worker:
             (directory / RUN_INFO_FILE).write_text(
                 json.dumps({"run_name": self.plan["run_name"], "step": state.step, "precision": precision}, indent=1)
             )
+
+    def resize_timeline(self, started: float, built: float, restored: float) -> dict:
+        """Seconds a resize cost, measured when the first step after it is done: since the checkpoint
+        it resumed from was saved (lost work + detection + restart + restore + first step), and the
+        parts this process saw (model + DeepSpeed, restore incl. re-partitioning, first step)."""
+        now_wall, now = time.time(), time.perf_counter()
+        saved_at = self.resize.get("checkpoint_saved_at") or 0.0
+        return {
+            "resize_s": now_wall - saved_at if saved_at else now - started,
+            "resize_attempt_started_at": now_wall - (now - started),
+            "resize_build_s": built - started,
+            "resize_restore_s": restored - built,
+            "resize_first_step_s": now - restored,
+        }
 
     def maybe_inject_fault(self, step: int) -> None:
         target = os.environ.get(FAULT_ENV)
@@ -395,13 +499,13 @@ class Worker:
         target = self.plan.get("probe_logits_path")
         if not target:
             return
-        from vistralv_ray.training.step import model_kwargs
+        from vistralv_ray.training.step import forward_logits
 
         name = "eval" if "eval" in self.plan["datasets"] else "train"
         batch = next(iter(self.batches(name, 0)), None) or _dummy_batch(self.tokenizer.pad_token_id)
         self.engine.eval()
         # Every rank runs its forward (ZeRO-3 gathers parameters collectively); rank 0 keeps its own.
-        logits = self.engine(**model_kwargs(batch.to(self.device), self.dtype)).logits.float().cpu()
+        logits = forward_logits(self.engine, batch.to(self.device), self.dtype).float().cpu()
         if self.rank == 0:
             torch.save({"batch": batch, "logits": logits}, target)
 
@@ -450,6 +554,8 @@ class Worker:
             "steps": state.step,
             "epoch": state.epoch,
             "epoch_samples": state.epoch_samples,
+            "samples_seen": state.samples_seen,
+            "world_size": self.world,
         }
 
 
@@ -473,12 +579,6 @@ def quiet_ray_train_reports() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def _keys(sample_ids: list[str]) -> list[int]:
-    from vistralv_ray.data.preprocess import record_key
-
-    return [record_key(i) for i in sample_ids]
 
 
 def _as_float(value) -> float | None:

@@ -10,23 +10,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vistralv_ray.data.images import PixelStats, pixel_stats
 from vistralv_ray.data.packing import IGNORE_INDEX, TrainBatch
 
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
+# SigLIP's (what its preprocessor_config.json says) for callers without a model at hand; the training
+# forward normalises with its own tower's config (`tower_pixel_stats`), as the exported processor does.
+SIGLIP_STATS = PixelStats(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype, stats: PixelStats = SIGLIP_STATS) -> torch.Tensor:
     """uint8 [n, H, W, 3] -> normalised [n, 3, H, W] in the model's dtype (done on the device)."""
     x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    m = torch.tensor(stats.mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(stats.std, device=x.device).view(1, 3, 1, 1)
     return ((x - m) / s).to(dtype)
 
 
-def model_kwargs(batch: TrainBatch, dtype: torch.dtype) -> dict:
-    """The keyword arguments of the Llava forward for a batch (also used to check exports)."""
-    pixel_values = normalize_pixels(batch.pixel_values, dtype) if batch.pixel_values.shape[0] else None
+def tower_pixel_stats(model: torch.nn.Module) -> PixelStats:
+    """Mean and std of the model's vision tower, from the preprocessor_config.json where `build_model`
+    loaded it from: the file the export's image processor takes them from too."""
+    from vistralv_ray.model.assembly import llava_of
+
+    return pixel_stats(llava_of(model).model.vision_tower.config.name_or_path)
+
+
+def model_kwargs(batch: TrainBatch, dtype: torch.dtype, stats: PixelStats = SIGLIP_STATS) -> dict:
+    """The keyword arguments of the Llava forward for a batch (also used to check exports); no
+    `pixel_values` for a batch without images, as transformers expects."""
+    pixel_values = normalize_pixels(batch.pixel_values, dtype, stats) if batch.pixel_values.shape[0] else None
     return {
         "input_ids": batch.input_ids,
         "pixel_values": pixel_values,
@@ -36,35 +47,23 @@ def model_kwargs(batch: TrainBatch, dtype: torch.dtype) -> dict:
     }
 
 
-def summed_token_loss(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dtype) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's target tokens (targets are already shifted)."""
-    kwargs = model_kwargs(batch, dtype)
-    pixel_values = kwargs["pixel_values"]
-    logits = model(**kwargs).logits.float()
-    loss = F.cross_entropy(
-        logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    if pixel_values is None:
-        loss = loss + _touch_vision_path(model, batch, dtype)
-    return loss
+def forward_logits(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dtype) -> torch.Tensor:
+    """The logits of a batch, with or without images, through the vision-first forward.
 
-
-def _touch_vision_path(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dtype) -> torch.Tensor:
-    """A zero-valued use of the vision tower and projector for a batch without images.
-
-    Every worker must run the same modules each step: ZeRO-3 gathers parameters with collectives
-    and ZeRO reduces projector gradients; a worker that skipped them would hang the others.
+    `model` is the Llava model, a peft wrapper of it or a DeepSpeed engine; the call goes through it,
+    so the engine's forward and its hooks run. Every micro-batch runs the same modules in the same
+    order (vistralv_ray/model/forward.py): training, eval, the probe and the dummy batch alike.
     """
     from vistralv_ray.model.assembly import llava_of
+    from vistralv_ray.model.forward import vision_first
 
-    inner = llava_of(model).model
-    size = inner.vision_tower.config.image_size
-    blank = torch.zeros(1, 3, size, size, dtype=dtype, device=batch.input_ids.device)
-    cfg = llava_of(model).config
-    features = inner.get_image_features(
-        pixel_values=blank,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        return_dict=True,
-    ).pooler_output
-    return sum(f.sum() for f in features) * 0.0
+    with vision_first(llava_of(model)):
+        return model(**model_kwargs(batch, dtype, tower_pixel_stats(model))).logits
+
+
+def summed_token_loss(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of cross-entropy over the batch's target tokens (targets are already shifted)."""
+    logits = forward_logits(model, batch, dtype).float()
+    return F.cross_entropy(
+        logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )

@@ -41,10 +41,13 @@ def build_deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
         "allgather_bucket_size": 5e8 if on_gpu else 5e7,
     }
     if t.zero_stage == 3:
+        persistence = t.zero3_persistence_threshold
+        if persistence is None:
+            persistence = 1e6 if on_gpu else 1e4
         zero.update(
             {
                 "stage3_prefetch_bucket_size": 5e8 if on_gpu else 5e7,
-                "stage3_param_persistence_threshold": 1e6 if on_gpu else 1e4,
+                "stage3_param_persistence_threshold": persistence,
                 # Gather full 16-bit weights on save, so export needs no zero_to_fp32 pass.
                 "stage3_gather_16bit_weights_on_model_save": True,
             }
@@ -88,3 +91,45 @@ def load_engine(engine, directory: str | Path, tag: str) -> None:
     path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+
+
+def load_resized_engine(engine, directory: str | Path, tag: str, rank: int) -> None:
+    """Load a checkpoint written at another data-parallel world size (an elastic run that shrank or grew).
+
+    ZeRO partitions the optimizer state (and with ZeRO-3 the weights) by rank, and DeepSpeed refuses a
+    plain load at another size. Its universal checkpoint is the re-partitioning path: the shards are
+    merged into one file per parameter (fp32 weights, Adam moments, step), which any world size loads.
+    Each rank converts the checkpoint into its own temporary directory (the checkpoint may sit in
+    another node's or read-only storage); the cost is one read of every shard per rank.
+    """
+    import argparse
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    source = Path(directory) / tag
+    with tempfile.TemporaryDirectory(prefix=f"vistralv-universal-rank{rank}-") as tmp:
+        universal_tag = f"{tag}_universal"
+        args = argparse.Namespace(
+            input_folder=str(source),
+            output_folder=str(Path(tmp) / universal_tag),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # Our engines run without DeepSpeed's model-parallel (Megatron) client, which is what
+            # writes the universal-checkpoint marker; the layout is plain data parallelism.
+            inject_missing_state=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+            ds_to_universal.main(args)
+        # The flag is read at load time only; set it for this load and put it back.
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(tmp, tag=universal_tag, load_module_strict=False)
+        finally:
+            engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory} (universal conversion)")

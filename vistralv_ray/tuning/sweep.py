@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vistralv_ray.config import Config, ConfigError
+from vistralv_ray.config import RANDOM_PROJECTOR, Config, ConfigError, check_projector_start
 from vistralv_ray.logging import get_logger
 from vistralv_ray.tuning.space import SchedulerSpec, SearchSpace, check_against, trial_config
 
@@ -92,7 +92,7 @@ def absolute_paths(tree: dict) -> dict:
         if value and "://" not in value and Path(value).expanduser().exists():
             model[key] = str(Path(value).expanduser().resolve())
     source, runs = model["init_projector_from"], out["run"]["storage"]
-    if source and "://" not in source and not Path(source).expanduser().is_absolute():
+    if source and source != RANDOM_PROJECTOR and "://" not in source and not Path(source).expanduser().is_absolute():
         # A run name: it lives under the recipe's run storage, not under the sweep's.
         model["init_projector_from"] = (
             runs.rstrip("/") + "/" + source if "://" in runs else str(Path(runs).expanduser().resolve() / source)
@@ -187,6 +187,7 @@ def prepare_sweep(
     check_against(space, recipe)
     setup = SweepSetup(space, root, recipe, samples or space.samples, train_records=0, max_t=1, max_concurrent=1)
     probe = setup.config_of({}, "probe")
+    check_projector_start(probe)
     setup.train_records = count_records(shard_files(probe.data.train))
     _, total = planned_steps(probe, setup.train_records)
     check_metric_cadence(probe, space.scheduler.metric, total)
