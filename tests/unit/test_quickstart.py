@@ -26,3 +26,27 @@ def test_help_lists_every_command():
     text = build_parser().format_help()
     for command in ("make-tiny", "demo-data", "prepare", "train", "plan", "export", "chat", "eval", "quickstart"):
         assert command in text, command
+
+
+def test_a_diverged_stage_stops_the_quickstart_before_export(tmp_path, monkeypatch):
+    import types
+
+    import pytest
+
+    from vistralv_ray.cli import quickstart
+    from vistralv_ray.training import driver
+
+    args = build_parser().parse_args(["quickstart", "--workdir", str(tmp_path)])
+    align, _ = demo_configs(tmp_path, args)
+
+    def fake_train(cfg, final):
+        value = {"final": final, "history": []}
+        return types.SimpleNamespace(error=None, return_value=value, path=str(tmp_path / cfg.run_name))
+
+    monkeypatch.setattr(
+        driver, "train", lambda cfg: fake_train(cfg, {"step": 7, "loss": float("nan"), "diverged": True})
+    )
+    with pytest.raises(RuntimeError, match=r"run quickstart-align diverged at step 7 \(loss nan\)"):
+        quickstart.train_stage(align)
+    monkeypatch.setattr(driver, "train", lambda cfg: fake_train(cfg, {"step": 7, "loss": 0.5, "diverged": False}))
+    assert quickstart.train_stage(align)["final"]["loss"] == 0.5

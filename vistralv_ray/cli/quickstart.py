@@ -118,7 +118,11 @@ def train_stage(cfg: Config) -> dict:
     if result.error is not None:
         raise RuntimeError(f"run {cfg.run_name} failed: {result.error}")
     value = result.return_value if isinstance(result.return_value, dict) else {}
-    return {"path": result.path, "final": value.get("final", {})}
+    final = value.get("final", {})
+    if final.get("diverged"):
+        # Nothing after a diverged stage is worth running: no export of a model whose loss is NaN/inf.
+        raise RuntimeError(f"run {cfg.run_name} diverged at step {final.get('step')} (loss {final.get('loss')})")
+    return {"path": result.path, "final": final}
 
 
 def run(args: argparse.Namespace) -> int:
