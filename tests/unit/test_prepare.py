@@ -133,6 +133,30 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_mod
     }
 
 
+def test_prepare_keeps_a_record_of_exactly_max_length_and_rejects_one_token_more(tmp_path, tiny_model_config):
+    """Counted with the image's tokens expanded: at max_length - 1 the record is rejected, though its
+    text before expansion would fit many times over."""
+    import dataclasses
+
+    from vistralv_ray.model.assembly import build_encoder
+    from vistralv_ray.text.conversation import normalize_messages
+
+    root = tmp_path / "images"
+    root.mkdir()
+    save(Image.new("RGB", (24, 24), (220, 20, 20)), root / "red.jpg")
+    (tmp_path / "src.json").write_text(json.dumps([{"id": "r", "image": "red.jpg", "conversations": qa()}]))
+    encoder = build_encoder(tiny_model_config)
+    length = encoder.encode(normalize_messages(qa(), has_image=True)).input_ids.size
+    assert length - encoder.image_seq_length + 1 < length - 1 < length
+    for max_length, kept in ((length, True), (length - 1, False)):
+        out = tmp_path / f"shards-{max_length}"
+        model = dataclasses.replace(tiny_model_config, max_length=max_length)
+        opts = PrepareOptions(image_root=str(root), out=str(out), shard_size=4, model=model, fmt="llava")
+        manifest = prepare(tmp_path / "src.json", opts, parallel=False, progress=False)
+        assert manifest["max_length_checked"] == max_length
+        assert (manifest["records_out"], manifest["rejected"]) == ((1, {}) if kept else (0, {"too_long": 1}))
+
+
 def test_odd_images_are_converted_correctly(tmp_path, messy_source, tiny_model_config):
     src, root = messy_source
     manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
@@ -388,3 +412,32 @@ def test_prepare_reports_duplicate_ids_and_keeps_every_record(tmp_path):
     manifest = prepare(src, PrepareOptions(str(images), str(tmp_path / "out")), parallel=False, progress=False)
     assert manifest["records_out"] == 6
     assert manifest["duplicate_ids"] == {"ids": 2, "records": 5, "examples": ["x", "z"]}
+
+
+def test_a_corrupt_image_inside_a_shard_is_a_counted_rejection_at_training_time(tmp_path, tiny_model_config):
+    """Shards may come from elsewhere: an image that no longer decodes (bytes flipped, truncated) is the
+    record's `unreadable_image` in the batch it would have joined, never a crashed preprocessing actor."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from vistralv_ray.data.prepare import SHARD_SCHEMA
+    from vistralv_ray.data.preprocess import PackingCollate, ShardPreprocessor
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(buf, "JPEG")
+    good = buf.getvalue()
+    messages = [{"role": "user", "content": "<image>\nMàu gì?"}, {"role": "assistant", "content": "Màu xanh."}]
+    images = [good, b"not an image", good[: len(good) // 3], good]
+    rows = [{"id": f"r{i}", "image": im, "messages": messages} for i, im in enumerate(images)]
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), shard)
+
+    pre = ShardPreprocessor(dataclasses.asdict(tiny_model_config), 10**8, rows_per_call=8)
+    (out,) = list(pre({"uri": np.array([str(shard)], dtype=object)}))
+    batch = PackingCollate(0, "pack", None)(out)
+    assert batch.sample_ids == ["r0", "r3"] and batch.pixel_values.shape[0] == 2
+    assert [(rid, reason) for rid, reason, _ in batch.rejected] == [
+        ("r1", "unreadable_image"),
+        ("r2", "unreadable_image"),
+    ]
