@@ -57,6 +57,28 @@ def test_lora_run_exports_merged_evaluates_and_chats(
         export(result.path, out)  # an existing export is never overwritten without --overwrite
     info = json.loads((out / "vistralv_export.json").read_text())
     assert info["lora_merged"] and info["stage"] == "finetune"
+    # The run's newest checkpoint, named itself, exports the same weights.
+    ckpt = Path(result.checkpoint.path)
+    assert Path(info["source"]).name == ckpt.name and info["step"] == 4
+    from_ckpt = export(str(ckpt), tmp_path / "from-checkpoint", dtype="float32", max_shard_size="100KB")
+    assert json.loads((from_ckpt / "vistralv_export.json").read_text())["step"] == 4
+    assert len(list(from_ckpt.glob("model-*.safetensors"))) > 1
+    a = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(str(from_ckpt), dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The real shards under a config that builds another model (a full finetune, no adapters) are refused.
+    import shutil
+
+    import yaml
+
+    wrong = tmp_path / "wrong-config" / ckpt.name
+    shutil.copytree(ckpt, wrong)
+    saved = yaml.safe_load((wrong / "config.yaml").read_text())
+    saved["model"]["lora"]["enabled"] = False
+    (wrong / "config.yaml").write_text(yaml.safe_dump(saved, allow_unicode=True))
+    with pytest.raises(ValueError, match="does not fit the model its config builds"):
+        export(str(wrong), tmp_path / "wrong-export")
+    assert not (tmp_path / "wrong-export").exists()
     model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
     assert not any("lora" in name for name, _ in model.named_parameters())
     probe = torch.load(tmp_path / "probe.pt", weights_only=False)

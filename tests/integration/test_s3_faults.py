@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
+import types
 import uuid
 
 import pytest
@@ -140,28 +140,31 @@ def test_a_wrong_endpoint_stops_prepare_with_one_line(server, source, tmp_path, 
     assert_one_line_error(capsys, "cannot look up", out)
 
 
-def stop_after(server, monkeypatch, reads: int, restart_after_s: float | None = None) -> None:
-    """Stop the moto server once `reads` objects have been read (and start it again after a while)."""
-    real, count = storage.read_bytes, []
+def stop_after(server, monkeypatch, reads: int, restart_after_tries: int | None = None) -> None:
+    """Stop the moto server once `reads` objects have been read (and start it again once that many
+    tries of a read have failed: at the retry's backoff, in the reading thread, not after a guessed time)."""
+    real, count, backoffs = storage.read_bytes, [], []
 
     def read(uri):
         if len(count) == reads:
             server["moto"].stop()
-            if restart_after_s is not None:
-
-                def restart():
-                    time.sleep(restart_after_s)
-                    from moto.server import ThreadedMotoServer
-
-                    # Same process, same port: moto keeps its buckets in memory across servers.
-                    server["moto"] = ThreadedMotoServer(ip_address="127.0.0.1", port=server["port"], verbose=False)
-                    server["moto"].start()
-
-                threading.Thread(target=restart, daemon=True).start()
         count.append(uri)
         return real(uri)
 
+    def backoff(seconds: float) -> None:
+        backoffs.append(seconds)
+        if len(backoffs) == restart_after_tries:
+            from moto.server import ThreadedMotoServer
+
+            # Same process, same port: moto keeps its buckets in memory across servers. start() returns
+            # once the new server listens.
+            server["moto"] = ThreadedMotoServer(ip_address="127.0.0.1", port=server["port"], verbose=False)
+            server["moto"].start()
+        time.sleep(seconds)
+
     monkeypatch.setattr(storage, "read_bytes", read)
+    # storage's own `time` only (its retry backoff is its one use of it), not the time module of everyone.
+    monkeypatch.setattr(storage, "time", types.SimpleNamespace(sleep=backoff))
 
 
 def test_a_server_stopped_mid_run_stops_prepare_and_removes_its_shards(server, source, tmp_path, monkeypatch, capsys):
@@ -173,8 +176,7 @@ def test_a_server_stopped_mid_run_stops_prepare_and_removes_its_shards(server, s
 
 
 def test_a_server_back_within_the_retries_is_a_complete_run(server, source, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "S3_BACKOFF_S", 0.4)  # 0.4 + 0.8 + 1.6 + ... s: time for a restart
-    stop_after(server, monkeypatch, reads=5, restart_after_s=0.5)
+    stop_after(server, monkeypatch, reads=5, restart_after_tries=2)  # back for the read's third try
     options = PrepareOptions(f"s3://{server['bucket']}/images", str(tmp_path / "out"), shard_size=2)
     manifest = prepare(source, options, parallel=False, progress=False)
     assert (manifest["records_out"], manifest["rejected"]) == (12, {"missing_image": 1})

@@ -49,7 +49,7 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
     assert all(m["projector_lr"] == pytest.approx(projector_scale * m["lr"]) for m in reports)
     assert history[-1] < history[0] - 0.2, history
     run_dir = Path(result.path)
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "lr_plan.yaml").is_file()
+    assert_run_files_hold_the_run(run_dir, cfg, total_steps=6)
     ckpt = Path(result.checkpoint.path)
     assert (ckpt / "projector.safetensors").is_file() and (ckpt / "tokenizer" / "tokenizer_config.json").is_file()
     assert sorted((ckpt / "seen").glob("rank-*.npy")) and len(list((ckpt / "seen").glob("*.npy"))) == 2
@@ -63,17 +63,73 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
     for key, value in trained.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
     if wandb == "offline":
-        assert_wandb_offline_run_has_the_metrics(run_dir)
+        assert_wandb_offline_run_has_the_metrics(run_dir, reports)
 
 
-def assert_wandb_offline_run_has_the_metrics(run_dir: Path) -> None:
+def assert_run_files_hold_the_run(run_dir: Path, cfg, total_steps: int) -> None:
+    """config.yaml loads back as the config the run trained with (local paths made absolute, as the
+    driver hands them to the workers); lr_plan.yaml holds that config's LR arithmetic and step plan."""
+    import yaml
+
+    from vistralv_ray.config import load_config
+    from vistralv_ray.training.driver import absolute_local_paths
+    from vistralv_ray.training.scaling import lr_plan
+
+    assert load_config(run_dir / "config.yaml") == absolute_local_paths(cfg)
+    plan = yaml.safe_load((run_dir / "lr_plan.yaml").read_text())
+    expected = lr_plan(cfg).to_dict()
+    assert {k: plan[k] for k in expected} == pytest.approx(expected)
+    assert plan["effective_lr"] == pytest.approx(cfg.train.base_lr)  # lr_rule none
+    assert plan["global_batch"] == cfg.scaling.workers * cfg.data.per_device_batch * cfg.train.grad_accum
+    assert plan["total_steps"] == total_steps and plan["steps_per_epoch"] >= 1 and plan["records"]["train"] > 0
+
+
+def wandb_history_rows(path: Path) -> list[dict]:
+    """The history rows (one per `wandb.log`) of an offline run file: a LevelDB-style log of
+    protobuf records, in 32 KiB blocks; a record may be split across blocks (first, middle, last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "not a wandb run file"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            records.append(pending)
+            pending = b""
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def assert_wandb_offline_run_has_the_metrics(run_dir: Path, reports: list[dict]) -> None:
+    import time
+
     runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert runs, "no offline wandb run directory"
-    # The offline run file holds the logged history records (protobuf): our metric keys are in it.
+    assert len(runs) == 1, runs
     (log_file,) = runs[0].glob("run-*.wandb")
-    data = log_file.read_bytes()
-    for key in (b"loss", b"tokens_per_s", b"grad_norm", b"data_wait_fraction"):
-        assert key in data, key
+    # One history row per report, at its step, with its values. The file is written by wandb's own
+    # process: wait (with a deadline) until it holds as many rows as there were reports.
+    deadline = time.monotonic() + 60
+    while len(rows := wandb_history_rows(log_file)) < len(reports) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [row["_step"] for row in rows] == [m["step"] for m in reports]
+    for row, report in zip(rows, reports):
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "data_wait_fraction"):
+            assert row[key] == pytest.approx(report[key]), (report["step"], key)
 
 
 def assert_export_matches_trainer(run_dir: Path, probe_path: Path, out: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,8 +40,16 @@ def wait_for_free_cpus(ray, total: float, timeout_s: float = 60.0) -> float:
 
 
 def test_sweep_stops_poor_trials_records_divergence_and_writes_results(
-    ray_local, run_config, tiny_shards, tmp_path, capsys
+    ray_local, run_config, tiny_shards, tmp_path, capsys, monkeypatch
 ):
+    from matplotlib.figure import Figure
+
+    figures, savefig = {}, Figure.savefig  # file name -> the figure saved there (the plots are drawn here)
+    monkeypatch.setattr(
+        Figure,
+        "savefig",
+        lambda fig, path, *a, **kw: figures.update({Path(path).name: fig}) or savefig(fig, path, *a, **kw),
+    )
     cfg = run_config(
         f"data.eval=[{tiny_shards['eval']}]",
         "model.max_length=128",
@@ -89,8 +98,23 @@ def test_sweep_stops_poor_trials_records_divergence_and_writes_results(
         8,
         "eval_loss",
     )
-    for plot in ("eval_loss_vs_base_lr.png", "loss_curves.png"):
-        assert (workdir / plot).stat().st_size > 10_000, plot
+    # The plots show the trials: each at its base LR, by status, with its final eval loss.
+    (ax,) = figures["eval_loss_vs_base_lr.png"].axes
+    plotted = {c.get_label(): sorted((float(x), float(y)) for x, y in c.get_offsets()) for c in ax.collections}
+    for status, label in (("completed", "completed"), ("stopped_early", "stopped early")):
+        expected = sorted((float(r["base_lr"]), float(r["final_eval_loss"])) for r in rows if r["status"] == status)
+        assert plotted.get(label, []) == pytest.approx(expected), (label, plotted)
+    assert [x for x, _ in plotted["diverged (NaN/inf)"]] == [DIVERGING_LR]
+    assert plotted[f"best: base LR {best['base_lr']:.3g}"] == pytest.approx([(best["base_lr"], best["value"])])
+    left, right = figures["loss_curves.png"].axes
+    finished = [r for r in rows if r["status"] != "diverged"]
+    assert {line.get_label() for line in right.lines} >= {
+        f"{float(r['base_lr']):.3g} ({'stopped early' if r['status'] == 'stopped_early' else r['status']})"
+        for r in finished
+    }
+    for line in right.lines:  # eval loss at steps 1.., one point per report
+        assert list(line.get_xdata()) == list(range(1, len(line.get_xdata()) + 1)), line.get_label()
+    assert len(left.lines) >= len(finished)
 
     # Every trial ran as its own run under the sweep directory, grouped by sweep; the user's run is untouched.
     run_dirs = sorted((workdir / "runs").iterdir())

@@ -177,15 +177,32 @@ def test_train_report_table():
     assert "3 runs each of ours and the plain loop" in text
 
 
-def test_memory_sampler_sees_the_process_tree_and_shards_replicate(tmp_path):
+def test_memory_sampler_sees_the_process_tree_and_shards_replicate(tmp_path, monkeypatch):
+    from vistralv_ray.bench import stream
     from vistralv_ray.bench.stream import replicate_shards, sample_tree
 
-    code = (
-        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'x = b\"x\" * (50 << 20); "
-        "import time; time.sleep(2)']); time.sleep(1.5); p.wait()"
+    # The grandchild holds 50 MB until the sampler has taken a whole sample after the memory was
+    # there (a handshake through two files, each wait with a deadline), not for a guessed time.
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    grandchild = (
+        f"import pathlib, time\nx = b'x' * (50 << 20)\npathlib.Path({str(ready)!r}).touch()\n"
+        "deadline = time.monotonic() + 120\n"
+        f"while not pathlib.Path({str(release)!r}).exists() and time.monotonic() < deadline:\n    time.sleep(0.01)\n"
     )
+    code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}]).wait()"
+    ready_seen, read_progress = [], stream.read_progress
+
+    def after_each_sample(path):  # sample_tree calls it once a sample, after reading the tree's memory
+        if ready_seen:  # this sample began after the grandchild said it held the memory
+            release.touch()
+        elif ready.exists():
+            ready_seen.append(True)
+        return read_progress(path)
+
+    monkeypatch.setattr(stream, "read_progress", after_each_sample)
     proc = subprocess.Popen([sys.executable, "-c", code])
     peak = sample_tree(proc)
+    assert release.exists()  # released by the sampler, not by the grandchild's deadline
     assert peak["rss"] >= 50 << 20 and peak["pss"] > 0  # the grandchild's 50 MB are in the tree's sum
     assert peak["processes"] == 2 and sum(peak["at_peak"].values()) > 0
 

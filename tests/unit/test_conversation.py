@@ -177,13 +177,21 @@ def test_bad_conversations_are_rejected_with_reason(turns, has_image, reason):
 
 
 def test_too_long_after_image_expansion(tokenizer):
-    enc = encoder_for(tokenizer, "vistral", max_length=60)
     messages = normalize_messages(TWO_TURNS, has_image=True)
-    with pytest.raises(RecordError) as err:
-        enc.encode(messages)
-    assert err.value.reason == "too_long"
-    text_only = encoder_for(tokenizer, "vistral", max_length=60 + IMAGE_TOKENS * 8)
-    assert text_only.encode(messages).input_ids.size <= 60 + IMAGE_TOKENS * 8
+    full = encoder_for(tokenizer, "vistral").encode(messages).input_ids
+    length, image_id = full.size, tokenizer.convert_tokens_to_ids("<image>")
+    text, _ = encoder_for(tokenizer, "vistral").render(messages)
+    unexpanded = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert (full == image_id).sum() == IMAGE_TOKENS and length == unexpanded + IMAGE_TOKENS - 1
+    # Exactly max_length fits, whole; one token less is too long, and so is the length of the text
+    # before its <image> is expanded (a check before expansion would let it through).
+    fits = encoder_for(tokenizer, "vistral", max_length=length).encode(messages)
+    np.testing.assert_array_equal(fits.input_ids, full)
+    for max_length in (length - 1, unexpanded):
+        with pytest.raises(RecordError) as err:
+            encoder_for(tokenizer, "vistral", max_length=max_length).encode(messages)
+        assert err.value.reason == "too_long"
+        assert f"{length} tokens" in str(err.value) and f"max_length {max_length}" in str(err.value)
 
 
 def test_image_tag_in_a_later_turn_moves_to_the_front_once(tokenizer):

@@ -35,13 +35,18 @@ def test_align_trains_projector_only(tiny_model_config):
     assert names and all("multi_modal_projector" in n for n in names)
 
 
-def test_full_finetune_trains_projector_and_lm_never_vision(tiny_model_config):
+def test_full_finetune_trains_every_parameter_outside_the_vision_tower(tiny_model_config):
     model = apply_stage(build_model(tiny_model_config).model, "finetune", LoraSettings())
-    names = trainable_names(model)
-    assert any("multi_modal_projector" in n for n in names)
-    assert any("language_model" in n for n in names)
-    assert any(n.startswith("lm_head") for n in names)
-    assert not any("vision_tower" in n for n in names)
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as its embedding
+    frozen = sorted(n for n, p in params.items() if not p.requires_grad)
+    assert frozen and all(n.startswith("model.vision_tower.") for n in frozen), frozen
+    vision = {n for n in params if n.startswith("model.vision_tower.")}
+    assert set(frozen) == vision  # the whole tower, and nothing else: embeddings, norms and lm_head train too
+    trainable = set(trainable_names(model))
+    assert trainable == set(params) - vision
+    for prefix in ("model.multi_modal_projector.", "model.language_model.embed_tokens.", "model.language_model.norm."):
+        assert any(n.startswith(prefix) for n in trainable), prefix
+    assert model.get_output_embeddings().weight.requires_grad
 
 
 def test_lora_finetune_trains_adapters_and_projector(tiny_model_config):

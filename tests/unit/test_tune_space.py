@@ -244,7 +244,29 @@ def test_planned_reports_and_concurrency_follow_the_recipe():
     assert max_concurrent_trials(gpu, {"CPU": 20.0, "GPU": 8.0}) == 1
 
 
-def test_best_skips_diverged_and_results_are_written(tmp_path):
+def saved_figures(monkeypatch) -> dict:
+    """file name -> the matplotlib Figure saved there, from every `savefig` from now on."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = {}, Figure.savefig
+
+    def spy(self, path, *args, **kwargs):
+        saved[Path(path).name] = self
+        return savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def points_by_label(ax) -> dict[str, set[tuple[float, float]]]:
+    """The scatter points of each labelled series of an axes."""
+    return {c.get_label(): {tuple(map(float, xy)) for xy in c.get_offsets()} for c in ax.collections if c.get_label()}
+
+
+def test_best_skips_diverged_and_results_are_written(tmp_path, monkeypatch):
+    from PIL import Image
+
+    figures = saved_figures(monkeypatch)
     space = space_from_dict({"name": "s", "search": {"train.base_lr": {"grid": [1e-3, 4e-3, 1e-5, 1e20]}}})
     setup = SweepSetup(space, tmp_path, space.recipe(config_from_dict(RECIPE)), 1, 48, 4, 2)
     cfgs = {lr: trial_config(setup.recipe, {"train.base_lr": lr}, "x", "/r", "s") for lr in (1e-3, 4e-3, 1e-5, 1e20)}
@@ -264,7 +286,41 @@ def test_best_skips_diverged_and_results_are_written(tmp_path):
     rows = paths["table"].read_text().splitlines()
     assert rows[0].startswith("trial_id,run_name,status,base_lr,effective_lr,global_batch,lr_rule")
     assert [r.split(",")[2] for r in rows[1:]] == ["completed", "completed", "stopped_early", "diverged"]
-    for key in ("metric_plot", "curves_plot"):
-        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(paths["metric_plot"]).size == (770, 495)  # 7 x 4.5 in at 110 dpi
+    assert Image.open(paths["curves_plot"]).size == (1210, 550)
+
+    # Final metric against base LR: one point per trial at its LR, by status; the diverged one (no
+    # metric) on a dotted line above every finite point; the best one starred.
+    (ax,) = figures[paths["metric_plot"].name].axes
+    assert (ax.get_xscale(), ax.get_xlabel(), ax.get_ylabel()) == ("log", "base learning rate", "final eval_loss")
+    points = points_by_label(ax)
+    assert points["completed"] == {(1e-3, 6.2), (4e-3, 6.1)} and points["stopped early"] == {(1e-5, 6.0)}
+    ((x, ceiling),) = points["diverged (NaN/inf)"]
+    assert x == 1e20 and ceiling > 6.2
+    assert points["best: base LR 0.004"] == {(4e-3, 6.1)}
+    assert [line.get_ydata()[0] for line in ax.lines] == [ceiling]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "completed",
+        "stopped early",
+        "diverged (NaN/inf)",
+        "best: base LR 0.004",
+    ]
+
+    # Curves: every trial's loss over steps on the left, the metric of those that have one on the right.
+    left, right = figures[paths["curves_plot"].name].axes
+    assert (left.get_xlabel(), left.get_ylabel(), right.get_ylabel()) == ("step", "training loss", "eval_loss")
+    curves = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in left.lines}
+    assert curves == {
+        "1e-05 (stopped early)": [(1, 6.4)],
+        "0.001 (completed)": [(1, 6.4)],
+        "0.004 (completed)": [(1, 6.4)],
+        "1e+20 (diverged (NaN/inf))": [(1, 6.4)],
+    }
+    assert {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in right.lines} == {
+        "1e-05 (stopped early)": [(1, 6.0)],
+        "0.001 (completed)": [(1, 6.2)],
+        "0.004 (completed)": [(1, 6.1)],
+    }
+    assert [tuple(map(float, xy)) for c in left.collections for xy in c.get_offsets()] == [(1.0, 6.4)]  # its cross
     # A sweep where nothing qualifies leaves no stale best.json behind.
     assert "best" not in write_results(records[3:], setup) and not (tmp_path / "best.json").exists()

@@ -96,13 +96,16 @@ def trained_model(ckpt: TrainedCheckpoint) -> tuple[torch.nn.Module, object]:
         str(ckpt.directory / DEEPSPEED_DIR), tag=ckpt.tag, exclude_frozen_parameters=True
     )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    known = set(model.state_dict())
+    known = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(trainable - set(state))
-    unexpected = sorted(set(state) - known)
-    if missing or unexpected:
+    unexpected = sorted(set(state) - set(known))
+    # Same names, other shapes (another LoRA rank, projector width...): load_state_dict's size error otherwise.
+    reshaped = sorted(n for n in set(state) & set(known) if tuple(state[n].shape) != known[n])
+    if missing or unexpected or reshaped:
         raise ValueError(
             f"{ckpt.uri}: the checkpoint does not fit the model its config builds "
-            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})"
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
+            f"other shapes {reshaped[:5]})"
         )
     model.load_state_dict(state, strict=False)
     if cfg.train.stage == "finetune" and cfg.model.lora.enabled:
