@@ -51,13 +51,13 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-batch", type=int)
     p.add_argument("--lr-rule", choices=["linear", "sqrt", "none"])
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--records", type=int, help="training records, for steps per epoch (elastic table)")
+    p.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     p.set_defaults(func=plan)
 
 
 def plan(args: argparse.Namespace) -> int:
     from vistralv_ray.config import load_config
-    from vistralv_ray.training.memory import estimate, model_sizes, recommend
-    from vistralv_ray.training.scaling import lr_plan
 
     flags = {
         "scaling.workers": args.workers,
@@ -69,28 +69,86 @@ def plan(args: argparse.Namespace) -> int:
     }
     overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, overrides)
+    result = build_plan(cfg, args.gpu_memory_gb, args.records)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_plan(result))
+    return 0
+
+
+def build_plan(cfg, gpu_memory_gb: float = 80.0, records: int | None = None) -> dict:
+    """Batch, LRs, model size and memory of a run; with scaling.min_workers, the elastic table: one row
+    per worker count, with the memory per GPU at that count under the configured ZeRO stage."""
+    from vistralv_ray.model.assembly import resolve_attn_implementation
+    from vistralv_ray.training.memory import estimate, model_sizes, recommend
+    from vistralv_ray.training.scaling import elastic_table, lr_plan
+
     lr = lr_plan(cfg)
-    print(
-        f"global_batch={lr.global_batch} ({lr.workers} workers x {lr.per_device_batch} per device x "
-        f"{lr.grad_accum} accumulation)"
-    )
-    print(f"reference_batch={lr.reference_batch} lr_rule={lr.rule} multiplier={lr.multiplier:.6g}")
-    print(f"effective_lr={lr.effective_lr:.6g}")
-    print(f"projector_lr={lr.projector_lr:.6g}")
     sizes = model_sizes(cfg)
     if sizes.lora:
         what = "LoRA adapters + projector"
     else:
         what = "projector" if cfg.train.stage == "align" else "projector + LM"
-    print(f"parameters: {sizes.total / 1e9:.3f}B total, {sizes.trainable / 1e6:.1f}M trainable ({what})")
     est = estimate(cfg, sizes, cfg.scaling.workers)
-    tokens = cfg.data.per_device_batch * cfg.model.max_length
-    print(
-        f"memory per GPU (estimate; {tokens} tokens per micro-batch, gradient checkpointing "
-        f"{'on' if cfg.train.gradient_checkpointing else 'off'}):"
+    out = {
+        **lr.to_dict(),
+        "parameters": {"total": sizes.total, "trainable": sizes.trainable, "trainable_what": what},
+        "memory_gb": {
+            "tokens_per_micro_batch": cfg.data.per_device_batch * cfg.model.max_length,
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "attention": resolve_attn_implementation(cfg.model.attn_implementation, True),
+            **est,
+        },
+        "recommendation": recommend(est, gpu_memory_gb),
+    }
+    if records is not None:
+        out["records"] = records
+        out["steps_per_epoch"] = records // lr.global_batch
+    if cfg.scaling.min_workers is not None:
+        zero = f"zero{cfg.train.zero_stage}" + ("_offload" if cfg.train.offload_params else "")
+        rows = elastic_table(cfg, records)
+        for row in rows:
+            row["memory_gb"] = estimate(cfg, sizes, row["workers"])[zero]
+        out["elastic"] = rows
+        out["elastic_policy"] = cfg.scaling.elastic_policy
+        out["elastic_memory_for"] = zero
+    return out
+
+
+def format_plan(p: dict) -> str:
+    lines = [
+        f"global_batch={p['global_batch']} ({p['workers']} workers x {p['per_device_batch']} per device x "
+        f"{p['grad_accum']} accumulation)",
+        f"reference_batch={p['reference_batch']} lr_rule={p['rule']} multiplier={p['multiplier']:.6g}",
+        f"effective_lr={p['effective_lr']:.6g}",
+        f"projector_lr={p['projector_lr']:.6g}",
+    ]
+    if "steps_per_epoch" in p:
+        lines.append(f"steps_per_epoch={p['steps_per_epoch']} ({p['records']} records)")
+    n, m = p["parameters"], p["memory_gb"]
+    lines.append(
+        f"parameters: {n['total'] / 1e9:.3f}B total, {n['trainable'] / 1e6:.1f}M trainable ({n['trainable_what']})"
     )
-    print(f"  zero2          {est['zero2']:7.1f} GB")
-    print(f"  zero3          {est['zero3']:7.1f} GB")
-    print(f"  zero3_offload  {est['zero3_offload']:7.1f} GB")
-    print(f"recommendation: {recommend(est, args.gpu_memory_gb)}")
-    return 0
+    lines.append(
+        f"memory per GPU (estimate; {m['tokens_per_micro_batch']} tokens per micro-batch, gradient checkpointing "
+        f"{'on' if m['gradient_checkpointing'] else 'off'}, attention {m['attention']}):"
+    )
+    for key in ("zero2", "zero3", "zero3_offload"):
+        lines.append(f"  {key:<14} {m[key]:7.1f} GB")
+    lines.append(f"recommendation: {p['recommendation']}")
+    if "elastic" in p:
+        rows = p["elastic"]
+        steps = "steps_per_epoch" in rows[0]
+        lines.append(f"elastic ({p['elastic_policy']}; memory per GPU under {p['elastic_memory_for']}):")
+        header = f"  {'workers':>7} {'global_batch':>12} {'grad_accum':>10} {'effective_lr':>12} {'projector_lr':>12}"
+        header += f" {'steps/epoch':>11}" if steps else ""
+        lines.append(header + f" {'memory_gb':>9}  note")
+        for r in rows:
+            line = (
+                f"  {r['workers']:>7} {r['global_batch']:>12} {r['grad_accum']:>10} {r['effective_lr']:>12.6g}"
+                f" {r['projector_lr']:>12.6g}"
+            )
+            line += f" {r['steps_per_epoch']:>11}" if steps else ""
+            lines.append(line + f" {r['memory_gb']:>9.1f}  {r['note'] or 'as planned'}")
+    return "\n".join(lines)

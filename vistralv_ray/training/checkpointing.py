@@ -118,11 +118,19 @@ def resume_changes(cfg, saved: dict, current: dict) -> list[str]:
 
 
 def save_rng_state(directory: Path, rank: int) -> None:
+    """This rank's RNG states, as tensors and plain numbers only: they load with torch's
+    `weights_only=True`, never by unpickling arbitrary objects."""
     import random
 
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    key, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [key, torch.from_numpy(mt.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     (directory / "rng").mkdir(parents=True, exist_ok=True)
@@ -138,9 +146,11 @@ def restore_rng_state(directory: Path, rank: int) -> bool:
     path = directory / "rng" / f"rank-{rank}.pt"
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    state = torch.load(path, weights_only=True)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    key, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((key, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -42,6 +42,9 @@ log = get_logger(__name__)
 # Tests: kill rank 1 once, in the step after the checkpoint of this step (by then Ray has
 # registered that checkpoint, so the restart must resume from it).
 FAULT_ENV = "VISTRALV_INJECT_FAULT_AFTER_CHECKPOINT"
+# Tests: "STEP:SECONDS": every rank sleeps SECONDS in the step after the checkpoint of STEP, once per
+# run, so that a test can take a node away while the group is mid-epoch (the elastic tests).
+PAUSE_ENV = "VISTRALV_PAUSE_AFTER_CHECKPOINT"
 # Tests: after the last step, rank 0 saves one of its batches and the logits the trained engine gives
 # for it to this file (the driver reads the variable), so an export can be compared with the trainer's model.
 PROBE_ENV = "VISTRALV_SAVE_PROBE_LOGITS"
@@ -136,7 +139,7 @@ class Worker:
     def restore(self) -> TrainerState:
         import ray.train
 
-        from vistralv_ray.training.strategy import load_engine
+        from vistralv_ray.training.strategy import load_engine, load_resized_engine
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -482,6 +485,10 @@ class Worker:
         }
 
     def maybe_inject_fault(self, step: int) -> None:
+        pause = os.environ.get(PAUSE_ENV)
+        if pause and int(pause.split(":")[0]) + 1 == step and self.world == self.cfg.scaling.workers:
+            log.warning("pausing %s s in step %d (%s)", pause.split(":")[1], step, PAUSE_ENV)
+            time.sleep(float(pause.split(":")[1]))
         target = os.environ.get(FAULT_ENV)
         marker = Path(self.plan["run_dir_local"] or tempfile.gettempdir()) / f".fault-injected-{self.plan['run_name']}"
         if target and int(target) + 1 == step and self.rank == min(1, self.world - 1) and not marker.exists():

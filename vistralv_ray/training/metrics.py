@@ -101,6 +101,8 @@ class DashboardMetrics:
     """`ray.util.metrics` gauges and counters, shown on the Ray dashboard / Prometheus as ray_vistralv_*."""
 
     GAUGES = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "data_wait_fraction", "memory_mb")
+    # Elastic runs: the size the group trains at now, and what the last resize cost.
+    GAUGES += ("world_size", "global_batch", "effective_lr", "samples_seen", "resize_s")
 
     def __init__(self, run_name: str):
         from ray.util.metrics import Counter, Gauge

@@ -1,5 +1,9 @@
 """Optimizer parameter groups by name pattern and the warmup + decay schedule.
 
+The schedule runs over samples seen, not optimizer steps: when an elastic run changes its global
+batch (`scaling.elastic_policy=rescale_lr`), a step covers another number of samples, and a
+schedule over steps would move its warmup and decay relative to the data.
+
 Groups: the projector (its own LR in finetune) and the rest, each split into decayed weights and
 undecayed biases and norms. A pattern that matches no trainable parameter is an error: a silent
 miss would train the projector at the wrong LR.
@@ -60,3 +64,45 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio) if warmup_ratio > 0 else 0
+
+
+def sample_lr_factor(samples_seen: int, step_samples: int, total_samples: int, warmup_samples: int, schedule: str):
+    """Multiplier of each group's LR for the optimizer step that trains samples
+    `samples_seen .. samples_seen + step_samples` of the run's `total_samples`.
+
+    With a fixed global batch B this is `lr_lambda(total_samples / B, warmup_samples / B, ...)` at
+    step `samples_seen / B`: a fixed-size run keeps the schedule it had when it counted steps.
+    """
+    if warmup_samples > 0 and samples_seen < warmup_samples:
+        return min(1.0, (samples_seen + step_samples) / warmup_samples)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (samples_seen - warmup_samples) / max(1, total_samples - warmup_samples))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class SampleSchedule:
+    """Sets the optimizer's group LRs from the samples seen (see `sample_lr_factor`).
+
+    Not handed to DeepSpeed: the position is the trainer's sample count, which the checkpoint keeps,
+    so nothing of it needs saving and a restart at another size continues where the data is.
+    """
+
+    def __init__(self, optimizer, base_lrs: list[float], total_samples: int, warmup_samples: int, schedule: str):
+        self.optimizer = optimizer
+        self.base_lrs = list(base_lrs)
+        self.total_samples, self.warmup_samples, self.schedule = total_samples, warmup_samples, schedule
+        self.last_lrs = list(base_lrs)
+
+    def set_position(self, samples_seen: int, step_samples: int) -> None:
+        """The LRs of the next optimizer step."""
+        f = sample_lr_factor(samples_seen, step_samples, self.total_samples, self.warmup_samples, self.schedule)
+        self.last_lrs = [base * f for base in self.base_lrs]
+        # Read the groups anew every time: loading a checkpoint replaces the optimizer's group dicts.
+        for group, lr in zip(self.optimizer.param_groups, self.last_lrs, strict=True):
+            group["lr"] = lr
+
+    def get_last_lr(self) -> list[float]:
+        return list(self.last_lrs)

@@ -58,21 +58,87 @@ class LrPlan:
         return asdict(self)
 
 
-def lr_plan(cfg: Config) -> LrPlan:
-    t = cfg.train
-    multiplier = lr_multiplier(cfg.global_batch, cfg.reference_batch, t.lr_rule)
+def lr_plan(cfg: Config, workers: int | None = None) -> LrPlan:
+    """The batch and LRs of the run at `workers` workers (default: scaling.workers, the planned size).
+
+    At another size, `scaling.elastic_policy` says what changes: keep_global_batch recomputes the
+    accumulation so the global batch stays the planned one (the nearest one when the worker count
+    does not divide it); rescale_lr keeps the accumulation and lets the global batch follow the
+    workers. Either way the LR is train.lr_rule applied to the global batch actually trained.
+    """
+    t, n = cfg.train, workers or cfg.scaling.workers
+    accum = elastic_grad_accum(cfg, n)
+    global_batch = n * cfg.data.per_device_batch * accum
+    multiplier = lr_multiplier(global_batch, cfg.reference_batch, t.lr_rule)
     effective = t.base_lr * multiplier
     # In align the projector is all that trains: its LR is the effective LR itself.
     projector = effective if t.stage == "align" else effective * t.projector_lr_scale
     return LrPlan(
         base_lr=t.base_lr,
         rule=t.lr_rule,
-        workers=cfg.scaling.workers,
+        workers=n,
         per_device_batch=cfg.data.per_device_batch,
-        grad_accum=t.grad_accum,
-        global_batch=cfg.global_batch,
+        grad_accum=accum,
+        global_batch=global_batch,
         reference_batch=cfg.reference_batch,
         multiplier=multiplier,
         effective_lr=effective,
         projector_lr=projector,
     )
+
+
+def elastic_grad_accum(cfg: Config, workers: int) -> int:
+    """Gradient accumulation at `workers` workers under scaling.elastic_policy."""
+    if workers == cfg.scaling.workers or cfg.scaling.elastic_policy == "rescale_lr":
+        return cfg.train.grad_accum
+    per_step = workers * cfg.data.per_device_batch
+    # The nearest global batch to the planned one; a tie goes to the smaller (less memory-time per step).
+    exact = cfg.global_batch / per_step
+    low, high = max(1, math.floor(exact)), max(1, math.ceil(exact))
+    return low if abs(low * per_step - cfg.global_batch) <= abs(high * per_step - cfg.global_batch) else high
+
+
+def elastic_workers(cfg: Config) -> list[int]:
+    """The worker counts a run may train at: min_workers..workers, or just workers for a fixed-size run."""
+    s = cfg.scaling
+    return list(range(s.min_workers or s.workers, s.workers + 1))
+
+
+def elastic_note(cfg: Config, plan: LrPlan) -> str:
+    """Why the plan at this size differs from the planned one (empty when it does not)."""
+    planned = lr_plan(cfg)
+    if plan.workers == planned.workers:
+        return ""
+    if cfg.scaling.elastic_policy == "keep_global_batch":
+        if plan.global_batch == planned.global_batch:
+            return f"keep_global_batch: grad accumulation {planned.grad_accum} -> {plan.grad_accum}, LR unchanged"
+        return (
+            f"keep_global_batch: {planned.global_batch} is not divisible by {plan.workers} x "
+            f"{plan.per_device_batch}: nearest global batch {plan.global_batch} (grad accumulation "
+            f"{plan.grad_accum}), LR re-derived by the {plan.rule} rule: {plan.effective_lr:.6g}"
+        )
+    return (
+        f"rescale_lr: global batch {planned.global_batch} -> {plan.global_batch}, LR re-derived by the "
+        f"{plan.rule} rule: {planned.effective_lr:.6g} -> {plan.effective_lr:.6g}"
+    )
+
+
+def elastic_table(cfg: Config, records: int | None = None) -> list[dict]:
+    """One row per worker count the run may train at (min_workers..workers): what `plan` prints and
+    what the trainer uses after a resize. Steps per epoch only when the record count is known."""
+    rows = []
+    for n in elastic_workers(cfg):
+        p = lr_plan(cfg, n)
+        row = {
+            "workers": n,
+            "per_device_batch": p.per_device_batch,
+            "grad_accum": p.grad_accum,
+            "global_batch": p.global_batch,
+            "effective_lr": p.effective_lr,
+            "projector_lr": p.projector_lr,
+        }
+        if records is not None:
+            row["steps_per_epoch"] = records // p.global_batch
+        row["note"] = elastic_note(cfg, p)
+        rows.append(row)
+    return rows
