@@ -15,6 +15,24 @@ from vistralv_ray.data.pipeline import apply_ray_data_env  # noqa: E402
 apply_ray_data_env()  # every local Ray cluster a test starts gets what `vistralv-ray` gives its own
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_bootstrap_file_restored():
+    """Multi-node test clusters (`ray.cluster_utils.Cluster`) write Ray's bootstrap address file as
+    `ray start` does; the session leaves it as it found it. (Every test starts its own Ray with
+    address="local", so the file never captures one, as `vistralv-ray` itself never lets it.)"""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    before = open(path).read() if os.path.exists(path) else None
+    yield
+    if before is None:
+        if os.path.exists(path):
+            os.remove(path)
+    else:
+        with open(path, "w") as f:
+            f.write(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     from vistralv_ray.model.tiny import make_tiny

@@ -16,7 +16,7 @@ def ray_local():
     ray.shutdown()
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # slow starts on a busy 2-core machine
     # Logical CPUs above the 2 physical ones: 2 train workers + preprocessing + file listing at once.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -50,7 +50,7 @@ def trainer_cluster(monkeypatch):
         ray.shutdown()
         cluster.shutdown()
         if was_up:  # the session's shared local cluster, for the tests that follow
-            ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
 
 
 def remove_node_after_checkpoint(cluster, node, run_dir: Path, step: int, events: dict) -> threading.Thread:
@@ -62,6 +62,9 @@ def remove_node_after_checkpoint(cluster, node, run_dir: Path, step: int, events
         deadline = time.time() + 300
         while time.time() < deadline:
             if (target / "trainer_state.json").is_file():
+                # Ray registers a reported checkpoint when its controller next polls the workers (every
+                # 0.5 s here): before that, a restart would not resume from it. The group sleeps meanwhile.
+                time.sleep(3.0)
                 events["removed_at"] = time.time()
                 cluster.remove_node(node, allow_graceful=False)
                 return

@@ -26,7 +26,7 @@ def start_cluster(ray, **kwargs) -> None:
     """`ray.init`, tried twice: on a loaded machine a fresh node can miss Ray's fixed startup deadline."""
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, **kwargs)
+            ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, **kwargs)
             return
         except Exception:
             ray.shutdown()

@@ -255,7 +255,7 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
 
     # The fault variable must reach the workers: a fresh cluster inherits this environment.
     ray.shutdown()
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         # 48 align records / (2 workers x 4) = 6 steps: one full epoch, so every record exactly once.
         cfg = run_config(
@@ -269,7 +269,7 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
     finally:
         ray.shutdown()
         monkeypatch.delenv(FAULT_ENV)  # the shared cluster, started anew, must not inherit the fault
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     assert result.error is None
     out = result.return_value
     assert out["steps"] == 6
@@ -317,13 +317,13 @@ def test_resume_restores_rng_states_so_dropout_continues_as_uninterrupted(ray_lo
 
     monkeypatch.setenv(FAULT_ENV, "2")
     ray.shutdown()
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         resumed = train(run_config(*common, "run.name=rng-resumed", stage="finetune"))
     finally:
         ray.shutdown()
         monkeypatch.delenv(FAULT_ENV)
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     assert resumed.error is None
     after = {m["step"]: m["loss"] for m in resumed.return_value["history"]}
     before = {m["step"]: m["loss"] for m in straight.return_value["history"]}
