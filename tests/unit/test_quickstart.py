@@ -137,3 +137,21 @@ def test_a_rerun_trains_the_same_runs_and_replaces_its_export(tmp_path, monkeypa
     assert calls["export"] == [(finetune_run, tmp_path / "export", {"overwrite": True})] * 2
     summary = json.loads((tmp_path / "quickstart.json").read_text())
     assert summary["finetune_run"] == finetune_run and summary["accuracy"] == 0.5
+
+
+def test_train_exits_non_zero_on_a_diverged_run(tmp_path, monkeypatch, capsys):
+    import types
+
+    from vistralv_ray.cli.main import main
+    from vistralv_ray.training import driver
+
+    def fake(final):
+        value = {"final": final, "history": []}
+        return lambda cfg: types.SimpleNamespace(error=None, return_value=value, path=str(tmp_path), checkpoint=None)
+
+    argv = ["train", "jobs/local_tiny.yaml", "--set", f"run.storage={tmp_path}"]
+    monkeypatch.setattr(driver, "train", fake({"step": 3, "loss": float("inf"), "diverged": True}))
+    assert main(argv) == 1
+    assert "run diverged at step 3 (loss inf)" in capsys.readouterr().err
+    monkeypatch.setattr(driver, "train", fake({"step": 20, "loss": 0.4, "diverged": False}))
+    assert main(argv) == 0

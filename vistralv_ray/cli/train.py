@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from vistralv_ray.cli.options import add_ray_address
 
@@ -24,6 +25,11 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = run(cfg)
     print(summarize(result))
+    final = (result.return_value or {}).get("final", {}) if isinstance(result.return_value, dict) else {}
+    if final.get("diverged"):
+        # A job runner (ray job submit, CI) must see a diverged run as failed, not as done.
+        print(f"error: run diverged at step {final.get('step')} (loss {final.get('loss')})", file=sys.stderr)
+        return 1
     return 0 if result.error is None else 1
 
 
