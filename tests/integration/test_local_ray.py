@@ -92,11 +92,29 @@ def final_step(proc: subprocess.CompletedProcess) -> int:
     return json.loads(line.removeprefix("final: "))["step"]
 
 
+# Fake credentials in the environment of the commands: none of them may end up in a file they write.
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEVISTRALV0001",
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-vistralv-7d1f",
+    "WANDB_API_KEY": "fake-wandb-key-vistralv-93ab",
+    "HF_TOKEN": "hf_fakevistralvtoken4c2e",
+}
+
+
+def files_holding(root: Path, values) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}: {v[:6]}..." for v in values if v.encode() in data]
+    return found
+
+
 def test_a_stale_bootstrap_file_does_not_stop_train_or_prepare(run_config, demo_corpus, ray_tmpdir, tmp_path):
     # What `ray start --head` leaves behind when its head is killed without `ray stop`.
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    env = command_env(ray_tmpdir)
+    env = {**command_env(ray_tmpdir), **SECRETS}
 
     proc = run_cli(["train", str(tiny_run_file(run_config, tmp_path, "stale-file"))], env)
     assert final_step(proc) == 2
@@ -108,6 +126,8 @@ def test_a_stale_bootstrap_file_does_not_stop_train_or_prepare(run_config, demo_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records_out"] == manifest["records_in"] > 8  # several shards: Ray tasks built them
     assert "starting an embedded local Ray" in proc.stderr
+    # Run directory (config, plan, checkpoints), shards, manifest: no credential was written.
+    assert files_holding(tmp_path, SECRETS.values()) == []
 
 
 class RayHead:
