@@ -103,9 +103,9 @@ def test_sweep_stops_poor_trials_records_divergence_and_writes_results(
     plotted = {c.get_label(): sorted((float(x), float(y)) for x, y in c.get_offsets()) for c in ax.collections}
     for status, label in (("completed", "completed"), ("stopped_early", "stopped early")):
         expected = sorted((float(r["base_lr"]), float(r["final_eval_loss"])) for r in rows if r["status"] == status)
-        assert plotted.get(label, []) == pytest.approx(expected), (label, plotted)
+        assert flat(plotted.get(label, [])) == pytest.approx(flat(expected)), (label, plotted)
     assert [x for x, _ in plotted["diverged (NaN/inf)"]] == [DIVERGING_LR]
-    assert plotted[f"best: base LR {best['base_lr']:.3g}"] == pytest.approx([(best["base_lr"], best["value"])])
+    assert flat(plotted[f"best: base LR {best['base_lr']:.3g}"]) == pytest.approx([best["base_lr"], best["value"]])
     left, right = figures["loss_curves.png"].axes
     finished = [r for r in rows if r["status"] != "diverged"]
     assert {line.get_label() for line in right.lines} >= {
@@ -126,3 +126,8 @@ def test_sweep_stops_poor_trials_records_divergence_and_writes_results(
 
     assert f"--set train.base_lr=@{workdir / 'best.json'}" in out
     assert wait_for_free_cpus(ray_local, total_cpus) >= total_cpus - 1e-6, ray_local.available_resources()
+
+
+def flat(points) -> list[float]:
+    """(x, y) points as one list: pytest.approx compares flat sequences only."""
+    return [v for point in points for v in point]
