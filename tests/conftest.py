@@ -56,3 +56,19 @@ def tiny_model_config(tiny_assets):
         vision_tower=str(tiny_assets["vision"]),
         max_length=256,
     )
+
+
+@pytest.fixture(scope="session")
+def spread_weights():
+    """spread_weights(model): the tiny model's 0.02 init answers every prompt with the same tokens;
+    weights spread wide (the vision tower left as it is) make answers depend on the input."""
+    import torch
+
+    def spread(model) -> None:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "vision_tower" not in name and p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    return spread

@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vistralv_ray.evaluation import formats
@@ -141,17 +140,8 @@ def test_vivqa_accuracy_is_reported_per_question_type():
     assert intervals["accuracy_type_2"] == [1.0, 1.0]
 
 
-def spread_weights(model: torch.nn.Module) -> None:
-    # The tiny model's 0.02 init answers every prompt alike; spread weights make answers depend on input.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "vision_tower" not in name and p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 @pytest.fixture(scope="module")
-def export(tiny_assets, tmp_path_factory):
+def export(tiny_assets, tmp_path_factory, spread_weights):
     from vistralv_ray.config.schema import Config, ModelConfig
     from vistralv_ray.inference.export import save_export
     from vistralv_ray.model.assembly import build_model

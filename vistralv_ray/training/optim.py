@@ -46,20 +46,10 @@ def build_param_groups(model: torch.nn.Module, lr: float, projector_lr: float, w
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Multiplier of each group's LR at an optimizer step (LambdaLR)."""
+    """Multiplier of each group's LR at an optimizer step (LambdaLR): the sample schedule counted in
+    steps, one "sample" a step."""
     total_steps = max(1, total_steps)
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    return lambda step: sample_lr_factor(step, 1, total_steps, warmup_steps, schedule)
 
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
