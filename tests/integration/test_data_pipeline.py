@@ -86,7 +86,7 @@ def test_targets_are_exactly_the_answers_and_every_record_is_accounted_for(
     ray_local, source, demo_corpus, tiny_assets, tmp_path
 ):
     from vistralv_ray.data.pipeline import build_datasets
-    from vistralv_ray.model.assembly import build_tokenizer
+    from vistralv_ray.text.encoder import build_tokenizer
 
     out = tmp_path / "shards"
     manifest = prepare(source, PrepareOptions(str(demo_corpus["images"]), str(out), shard_size=5), progress=False)

@@ -113,7 +113,7 @@ def test_prepare_writes_shards_manifest_and_rejections_to_s3(s3, s3_corpus):
 def test_ray_data_reads_s3_shards_into_training_batches(s3, s3_corpus, tiny_assets):
     from vistralv_ray.data.pipeline import build_datasets
     from vistralv_ray.data.preprocess import PackingCollate
-    from vistralv_ray.model.assembly import build_tokenizer
+    from vistralv_ray.text.encoder import build_tokenizer
 
     source, n = s3_corpus
     out = f"s3://{BUCKET}/prepared/roundtrip"

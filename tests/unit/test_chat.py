@@ -61,7 +61,7 @@ IMAGE = Image.new("RGB", (48, 32), (30, 200, 30))
 
 
 def test_system_prompt_replaces_the_trained_default_as_training_renders_it(exported, loaded, monkeypatch):
-    from vistralv_ray.model.assembly import build_encoder
+    from vistralv_ray.text.encoder import build_encoder
 
     _, mc = exported
     prompts = recording(loaded, monkeypatch)

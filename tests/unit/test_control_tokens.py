@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from vistralv_ray.data.prepare import PrepareOptions, prepare
 from vistralv_ray.errors import RecordError
-from vistralv_ray.model.assembly import build_encoder
 from vistralv_ray.text.conversation import ConversationEncoder, normalize_messages
+from vistralv_ray.text.encoder import build_encoder
 from vistralv_ray.text.templates import VISTRAL_SYSTEM_PROMPT, get_chat_template
 from vistralv_ray.text.tokenizer import prepare_tokenizer
 

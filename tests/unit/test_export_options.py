@@ -21,8 +21,8 @@ from safetensors import safe_open
 
 from vistralv_ray.config import dump_config
 from vistralv_ray.config.schema import Config, ModelConfig, TrainConfig
+from vistralv_ray.data.runs import CONFIG_FILE, RUN_INFO_FILE, STATE_FILE
 from vistralv_ray.inference import export as export_module
-from vistralv_ray.training.checkpointing import CONFIG_FILE, RUN_INFO_FILE, STATE_FILE
 
 
 def make_checkpoint(directory, model_cfg: ModelConfig, step: int, precision: str = "fp32", stage: str = "align"):

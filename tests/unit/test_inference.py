@@ -99,7 +99,7 @@ def test_exported_processor_reproduces_training_token_ids_and_image_tokens(tiny_
     from transformers import AutoProcessor
 
     from vistralv_ray.inference.export import build_processor
-    from vistralv_ray.model.assembly import build_encoder, build_tokenizer, load_vision_config
+    from vistralv_ray.text.encoder import build_encoder, build_tokenizer, load_vision_config
 
     tokenizer, template = build_tokenizer(tiny_model_config)
     vision = load_vision_config(tiny_model_config.vision_tower)

@@ -17,7 +17,7 @@ from vistralv_ray.training.step import summed_token_loss
 @pytest.fixture(scope="module")
 def samples(tiny_assets):
     from vistralv_ray.config.schema import ModelConfig
-    from vistralv_ray.model.assembly import build_encoder
+    from vistralv_ray.text.encoder import build_encoder
 
     cfg = ModelConfig(language_model=str(tiny_assets["llm"]), vision_tower=str(tiny_assets["vision"]), max_length=256)
     encoder = build_encoder(cfg)

@@ -108,7 +108,7 @@ def exported_image_processor(model_cfg: ModelConfig, out, image_size: int | None
     from transformers import AutoProcessor
 
     from vistralv_ray.inference.export import build_processor
-    from vistralv_ray.model.assembly import build_tokenizer, load_vision_config
+    from vistralv_ray.text.encoder import build_tokenizer, load_vision_config
 
     tokenizer, template = build_tokenizer(model_cfg)
     vision = load_vision_config(model_cfg.vision_tower)

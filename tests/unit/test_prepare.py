@@ -138,8 +138,8 @@ def test_prepare_keeps_a_record_of_exactly_max_length_and_rejects_one_token_more
     text before expansion would fit many times over."""
     import dataclasses
 
-    from vistralv_ray.model.assembly import build_encoder
     from vistralv_ray.text.conversation import normalize_messages
+    from vistralv_ray.text.encoder import build_encoder
 
     root = tmp_path / "images"
     root.mkdir()
@@ -189,7 +189,7 @@ def test_pad_keeps_aspect_with_grey_fill():
 
 
 def test_pad_matches_llava_pad_then_resize_up_to_the_edges():
-    from vistralv_ray.bench.data import synthetic_photos
+    from vistralv_ray.bench.inputs import synthetic_photos
     from vistralv_ray.data.images import pad_to_square
 
     for photo in synthetic_photos(3, width=200, height=120, distinct=3):

@@ -146,7 +146,7 @@ def test_batched_greedy_generate_in_plain_transformers_matches_one_at_a_time(pla
 def test_processor_token_ids_are_the_training_encoders(make_export, template):
     from transformers import AutoProcessor
 
-    from vistralv_ray.model.assembly import build_encoder
+    from vistralv_ray.text.encoder import build_encoder
 
     out, mc = make_export(template)
     processor = AutoProcessor.from_pretrained(str(out))
@@ -211,8 +211,8 @@ def run_predictor(predictor: EvalPredictor, records: list[dict], batch_size: int
 
 @pytest.mark.parametrize("template", ["vistral", "plain", "native"])
 def test_eval_prompts_end_where_training_starts_the_answer(make_export, demo_corpus, template, monkeypatch):
-    from vistralv_ray.model.assembly import build_encoder
     from vistralv_ray.text.conversation import normalize_messages
+    from vistralv_ray.text.encoder import build_encoder
 
     out, mc = make_export(template)
     predictor = EvalPredictor(str(out), max_new_tokens=2, device="cpu")

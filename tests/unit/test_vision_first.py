@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from vistralv_ray.config.schema import LoraSettings
 from vistralv_ray.data.packing import IGNORE_INDEX, layout_batch
-from vistralv_ray.model.assembly import apply_stage, build_encoder, build_model, llava_of
+from vistralv_ray.model.assembly import apply_stage, build_model, llava_of
 from vistralv_ray.text.conversation import normalize_messages
+from vistralv_ray.text.encoder import build_encoder
 from vistralv_ray.training.step import forward_logits, model_kwargs, summed_token_loss
 
 IMAGE_SHAPE = (32, 32, 3)

@@ -32,7 +32,7 @@ CAPTION = "Một bức ảnh có nhiều hình màu trên nền chuyển sắc; 
 
 def write_corpus(work: Path, records: int, seed: int) -> tuple[Path, Path]:
     """A LLaVA JSON of `records` image records over synthetic 640x480 photos; (json, image root)."""
-    from vistralv_ray.bench.data import synthetic_photos
+    from vistralv_ray.bench.inputs import synthetic_photos
 
     root = work / "images"
     root.mkdir(parents=True)
@@ -206,7 +206,7 @@ def consume(spec: dict) -> dict:
     from vistralv_ray.config import config_from_dict
     from vistralv_ray.data.pipeline import apply_ray_data_env, build_datasets
     from vistralv_ray.data.preprocess import PackingCollate
-    from vistralv_ray.model.assembly import build_tokenizer
+    from vistralv_ray.text.encoder import build_tokenizer
 
     store = spec["object_store_mb"] << 20 or None  # 0: Ray's default, 30% of RAM
     apply_ray_data_env()

@@ -160,7 +160,7 @@ def plain_batches(cfg: Config, count: int, lazily: bool = False):
     from vistralv_ray.data.pipeline import shard_files
     from vistralv_ray.data.preprocess import PackingCollate, Preprocessor
     from vistralv_ray.data.shards import SHARD_COLUMNS
-    from vistralv_ray.model.assembly import build_tokenizer
+    from vistralv_ray.text.encoder import build_tokenizer
 
     rows = pq.read_table(shard_files(cfg.data.train), columns=SHARD_COLUMNS).to_pydict()
     pre = Preprocessor(dataclasses.asdict(cfg.model), cfg.data.max_image_pixels)
@@ -327,7 +327,7 @@ def run_deepspeed_in_process(cfg: Config, opts: TrainBenchOptions, batches: list
 def run_train_bench(opts: TrainBenchOptions) -> dict:
     import ray
 
-    from vistralv_ray.bench.data import machine
+    from vistralv_ray.bench.inputs import machine
     from vistralv_ray.training.driver import WORKER_ENV
 
     total = opts.warmup_steps + opts.steps

@@ -180,7 +180,7 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
 
 
 def build_encoder(model_cfg: ModelConfig):
-    from vistralv_ray.model.assembly import build_encoder as build
+    from vistralv_ray.text.encoder import build_encoder as build
 
     return build(model_cfg)
 

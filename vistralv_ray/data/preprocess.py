@@ -27,7 +27,7 @@ class Preprocessor:
 
     def __init__(self, model_cfg: dict, max_pixels: int, skip_keys_uri: str | None = None):
         from vistralv_ray.config.loader import _build
-        from vistralv_ray.model.assembly import build_encoder, load_vision_config
+        from vistralv_ray.text.encoder import build_encoder, load_vision_config
 
         self.model_cfg: ModelConfig = _build(ModelConfig, model_cfg, "model")
         self.encoder = build_encoder(self.model_cfg)  # once per actor: loading a tokenizer is slow

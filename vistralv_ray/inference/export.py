@@ -26,14 +26,8 @@ import torch
 
 from vistralv_ray.config import Config, load_config
 from vistralv_ray.data import storage
+from vistralv_ray.data.runs import CONFIG_FILE, DEEPSPEED_DIR, RUN_INFO_FILE, STATE_FILE, latest_checkpoint_uri
 from vistralv_ray.logging import get_logger
-from vistralv_ray.training.checkpointing import (
-    CONFIG_FILE,
-    DEEPSPEED_DIR,
-    RUN_INFO_FILE,
-    STATE_FILE,
-    latest_checkpoint_uri,
-)
 
 log = get_logger(__name__)
 

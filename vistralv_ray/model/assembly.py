@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalG
 
 from vistralv_ray.config.schema import RANDOM_PROJECTOR, LoraSettings, ModelConfig
 from vistralv_ray.logging import get_logger
-from vistralv_ray.text.templates import IMAGE_TOKEN, chat_template_for
-from vistralv_ray.text.tokenizer import load_tokenizer, prepare_tokenizer
+from vistralv_ray.text.encoder import build_tokenizer, image_seq_length
+from vistralv_ray.text.templates import IMAGE_TOKEN
 
 log = get_logger(__name__)
 
@@ -31,12 +31,6 @@ class AssembledModel:
     chat_template: str
     image_size: int
     image_seq_length: int
-
-
-def image_seq_length(vision_config, strategy: str) -> int:
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    # "default" drops the first feature (CLIP's CLS token); SigLIP has none, so "full" is right for it.
-    return patches if strategy == "full" else patches - 1
 
 
 def build_llava_config(model_cfg: ModelConfig, vision_config, text_config, image_token_id: int) -> LlavaConfig:
@@ -66,28 +60,6 @@ def resolve_attn_implementation(requested: str, on_gpu: bool) -> str:
         except ImportError:
             return "sdpa"
     return "sdpa"
-
-
-def build_tokenizer(model_cfg: ModelConfig):
-    tokenizer = load_tokenizer(model_cfg.language_model)
-    template = chat_template_for(model_cfg, native=getattr(tokenizer, "chat_template", None))
-    return prepare_tokenizer(tokenizer, template), template
-
-
-def load_vision_config(path: str):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig.from_pretrained(path)
-
-
-def build_encoder(model_cfg: ModelConfig):
-    """The conversation encoder of this model (tokenizer + template + image tokens), without weights."""
-    from vistralv_ray.text.conversation import ConversationEncoder
-
-    tokenizer, template = build_tokenizer(model_cfg)
-    vision_config = load_vision_config(model_cfg.vision_tower)
-    n_image = image_seq_length(vision_config, model_cfg.vision_feature_select_strategy)
-    return ConversationEncoder(tokenizer, template, n_image, model_cfg.max_length)
 
 
 def build_model(
@@ -176,7 +148,7 @@ def resolve_projector_uri(source: str, storage_root: str | None = None) -> str:
     """The projector file of `source`: a projector file, a checkpoint, a run directory (its newest
     checkpoint), local or s3://, or the name of a run under `storage_root`."""
     from vistralv_ray.data import storage
-    from vistralv_ray.training.checkpointing import latest_checkpoint_uri
+    from vistralv_ray.data.runs import latest_checkpoint_uri
 
     source = str(source)
     if not storage.is_s3(source):

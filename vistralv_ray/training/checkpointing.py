@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from vistralv_ray.data import storage
-
-STATE_FILE = "trainer_state.json"
-DEEPSPEED_DIR = "deepspeed"
-CONFIG_FILE = "config.yaml"
-RUN_INFO_FILE = "run.json"
-_CHECKPOINT_DIR = re.compile(r"checkpoint[-_](\d+)$")
+from vistralv_ray.data.runs import STATE_FILE
 
 
 @dataclass
@@ -155,24 +148,3 @@ def restore_rng_state(directory: Path, rank: int) -> bool:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     return True
-
-
-def latest_checkpoint_uri(source: str) -> str:
-    """A checkpoint directory as given, or the newest `checkpoint-NNNNNN` of a run directory."""
-    if storage.exists(storage.join(source, STATE_FILE)):
-        return source.rstrip("/")
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem_for(source)
-
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{source}: not a run or checkpoint directory")
-    steps = []
-    for entry in fs.get_file_info(pafs.FileSelector(path)):
-        match = _CHECKPOINT_DIR.search(entry.base_name)
-        if entry.type == pafs.FileType.Directory and match:
-            steps.append((int(match.group(1)), entry.base_name))
-    if not steps:
-        raise FileNotFoundError(f"{source}: no checkpoint-* directory (has this run saved a checkpoint yet?)")
-    return storage.join(source.rstrip("/"), max(steps)[1])

@@ -119,7 +119,8 @@ def check_resume_plan(cfg: Config, run_uri: str, resume_plan: dict) -> None:
     import json
 
     from vistralv_ray.config import ConfigError
-    from vistralv_ray.training.checkpointing import STATE_FILE, latest_checkpoint_uri, resume_changes
+    from vistralv_ray.data.runs import STATE_FILE, latest_checkpoint_uri
+    from vistralv_ray.training.checkpointing import resume_changes
 
     try:
         checkpoint = latest_checkpoint_uri(run_uri)

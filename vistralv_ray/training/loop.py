@@ -23,12 +23,10 @@ import torch.distributed as dist
 from vistralv_ray.config.loader import config_from_dict
 from vistralv_ray.config.schema import Config
 from vistralv_ray.data.packing import TrainBatch
+from vistralv_ray.data.runs import CONFIG_FILE, DEEPSPEED_DIR, RUN_INFO_FILE
 from vistralv_ray.errors import REJECT_REASONS
 from vistralv_ray.logging import get_logger
 from vistralv_ray.training.checkpointing import (
-    CONFIG_FILE,
-    DEEPSPEED_DIR,
-    RUN_INFO_FILE,
     TrainerState,
     restore_rng_state,
     resume_changes,

@@ -70,8 +70,9 @@ def meta_model_for(cfg: Config):
     """The configured architecture on the meta device: local config files, else a known preset."""
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from vistralv_ray.model.assembly import build_llava_config, load_vision_config
+    from vistralv_ray.model.assembly import build_llava_config
     from vistralv_ray.model.presets import build_meta_model
+    from vistralv_ray.text.encoder import load_vision_config
 
     if cfg.model.language_model == VISTRAL_LM and not Path(VISTRAL_LM).is_dir():
         return build_meta_model("vistral-7b-siglip-256")  # the real sizes, without asking the hub

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from vistralv_ray.tuning.results import TrialRecord
+from vistralv_ray.tuning.records import TrialRecord
 
 STYLE = {
     "completed": {"marker": "o", "color": "tab:blue"},

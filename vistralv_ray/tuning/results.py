@@ -12,39 +12,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from vistralv_ray.training.driver import planned_steps
 from vistralv_ray.training.scaling import lr_plan
+from vistralv_ray.tuning.plots import plot_curves, plot_metric_vs_lr
+from vistralv_ray.tuning.records import TrialRecord
 from vistralv_ray.tuning.sweep import SweepSetup
-
-STATUSES = ("completed", "stopped_early", "diverged", "error")
-
-
-@dataclass
-class TrialRecord:
-    trial_id: str
-    run_name: str
-    params: dict
-    base_lr: float
-    effective_lr: float
-    global_batch: int
-    workers: int
-    per_device_batch: int
-    grad_accum: int
-    lr_rule: str
-    reference_batch: int
-    planned_steps: int
-    status: str
-    iterations: int
-    last_step: int | None
-    final_metric: float | None
-    best_metric: float | None
-    final_loss: float | None
-    error: str | None = None
-    # One entry per report: step, loss and the metric (None where the report had none or diverged).
-    history: list[dict] = field(default_factory=list)
 
 
 def _finite(value) -> float | None:
@@ -186,8 +160,6 @@ def write_table(records: list[TrialRecord], metric: str, search_keys: list[str],
 
 def write_results(records: list[TrialRecord], setup: SweepSetup) -> dict[str, Path]:
     """best.json (when a trial qualifies), trials.csv and the plots; returns their paths."""
-    from vistralv_ray.tuning.plots import plot_curves, plot_metric_vs_lr
-
     metric, out = setup.space.scheduler.metric, setup.workdir
     paths = {
         "table": out / "trials.csv",
