@@ -1,7 +1,9 @@
 """Submit a recipe to a Ray cluster as a Ray job: this repository's `ray job submit`, `stop` and `logs`.
 
     python jobs/submit.py jobs/finetune.yaml --address http://HEAD:8265 --set scaling.workers=16 \
-        [--cluster-config cluster/aws-a100.yaml] [--dry-run] [--follow]
+        [--cluster-config cluster/aws-a100.yaml] [--entrypoint-resources '{head: 1}'] [--dry-run] [--follow]
+    python jobs/submit.py jobs/align.yaml --command tune --space tune_spaces/base_lr_align.yaml \
+        --workdir s3://BUCKET/sweeps/align --address http://HEAD:8265 [--follow]
     python jobs/submit.py logs JOB_ID --address http://HEAD:8265 [--follow]
     python jobs/submit.py stop JOB_ID --address http://HEAD:8265
 
@@ -9,7 +11,8 @@ The recipe and its `--set` overrides are validated here first, then the prefligh
 run (vistralv_ray/training/preflight.py: placeholder URIs, unfinished shard folders, `use_gpu: auto`
 on a cluster, resources no node type offers), so a mistake fails before anything is uploaded. The
 repository travels as the job's working_dir; git-ignored paths the recipe names are reported, as Ray
-leaves them out of the upload.
+leaves them out of the upload. `--entrypoint-num-cpus/-gpus/-memory/-resources` reserve resources for
+the job's driver (Ray's entrypoint resources), e.g. to keep it on the head with a custom resource.
 
 Secrets stay here: a job's runtime_env is shown in full by `ray job list` and the jobs API to anyone
 who can reach the cluster, so only a few non-secret settings (region, W&B entity) are forwarded by
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
+
+import yaml
 
 from vistralv_ray.config import Config, ConfigError, load_config, parse_override
 from vistralv_ray.data.storage import is_s3
@@ -67,6 +72,8 @@ class Submission:
     entrypoint: str
     runtime_env: dict
     metadata: dict[str, str] = field(default_factory=dict)
+    # JobSubmissionClient.submit_job's entrypoint_num_cpus / _num_gpus / _memory / _resources, when set.
+    entrypoint_options: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         """The submission as JSON-ready data, env var values redacted."""
@@ -78,6 +85,7 @@ class Submission:
             "entrypoint": self.entrypoint,
             "runtime_env": env,
             "metadata": self.metadata,
+            **self.entrypoint_options,
         }
 
 
@@ -184,12 +192,15 @@ def build_submission(args: argparse.Namespace, environ: dict[str, str]) -> tuple
     cfg = load_config(args.recipe, overrides)
     recipe = recipe_in_repo(args.recipe)
     env_vars = forwarded_env(environ, args.env)  # before the preflight: a bad --env is the first error
-    if args.command == "train":
+    entrypoint_options = entrypoint_resources(args)
+    if args.command in ("train", "tune"):
         resolved = preflight_train(cfg, args.cluster_config)
         if resolved:
             overrides += resolved
             cfg = load_config(args.recipe, overrides)
-    tokens = ["vistralv-ray", args.command, recipe]
+        if args.cluster_config:
+            check_entrypoint_fits(entrypoint_options, args.cluster_config)
+    tokens = ["vistralv-ray", args.command, recipe, *tune_arguments(args)]
     for text in overrides:
         tokens += ["--set", text]
     runtime_env: dict = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES + args.exclude}
@@ -203,11 +214,77 @@ def build_submission(args: argparse.Namespace, environ: dict[str, str]) -> tuple
         entrypoint=shlex.join(tokens),
         runtime_env=runtime_env,
         metadata=metadata,
+        entrypoint_options=entrypoint_options,
     )
     return submission, cfg
 
 
-def cluster_warnings(cfg: Config, address: str | None) -> list[str]:
+def tune_arguments(args: argparse.Namespace) -> list[str]:
+    """`vistralv-ray tune`'s own arguments: the space (inside the repository) and where the sweep writes."""
+    if args.command != "tune":
+        given = {"--space": args.space, "--workdir": args.workdir, "--samples": args.samples}
+        for flag, value in {**given, "--max-concurrent": args.max_concurrent}.items():
+            if value is not None:
+                raise ConfigError(f"{flag}: only for --command tune")
+        return []
+    if args.space is None:
+        raise ConfigError("--command tune needs --space (a search space YAML in this repository, e.g. tune_spaces/)")
+    tokens = ["--space", recipe_in_repo(args.space)]
+    if args.workdir:
+        tokens += ["--workdir", args.workdir]
+    if args.samples is not None:
+        tokens += ["--samples", str(args.samples)]
+    if args.max_concurrent is not None:
+        tokens += ["--max-concurrent", str(args.max_concurrent)]
+    return tokens
+
+
+def entrypoint_resources(args: argparse.Namespace) -> dict:
+    """Ray's entrypoint resources for the job's driver, from the command line (nothing set: none asked for)."""
+    options: dict = {}
+    for name in ("num_cpus", "num_gpus", "memory"):
+        value = getattr(args, f"entrypoint_{name}")
+        if value is not None:
+            if value < 0:
+                raise ConfigError(f"--entrypoint-{name.replace('_', '-')}: {value}; allowed: >= 0")
+            options[f"entrypoint_{name}"] = int(value) if name == "memory" else value
+    if args.entrypoint_resources:
+        try:
+            resources = yaml.safe_load(args.entrypoint_resources)
+        except yaml.YAMLError:
+            resources = None
+        if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in resources.items()
+        ):
+            raise ConfigError(
+                f"--entrypoint-resources: {args.entrypoint_resources!r}; expected a mapping of resource names to "
+                "amounts, e.g. '{head: 1}'"
+            )
+        bad = sorted(set(resources) & {"CPU", "GPU", "memory"})
+        if bad:
+            raise ConfigError(f"--entrypoint-resources: {bad[0]} has its own flag (--entrypoint-num-cpus, ...)")
+        options["entrypoint_resources"] = {k: float(v) for k, v in resources.items()}
+    return options
+
+
+def check_entrypoint_fits(options: dict, cluster_config: str) -> None:
+    """The driver's entrypoint resources must fit some node type, or the job waits forever (PENDING)."""
+    need = {"CPU": options.get("entrypoint_num_cpus", 0), "GPU": options.get("entrypoint_num_gpus", 0)}
+    need.update(options.get("entrypoint_resources", {}))
+    need = {k: float(v) for k, v in need.items() if v}
+    if not need:
+        return
+    node_types = checks.load_node_types(cluster_config)
+    if not any(all(t.resources.get(k, 0.0) >= v for k, v in need.items()) for t in node_types):
+        offers = ", ".join(f"{t.name} {t.resources}" for t in node_types)
+        raise ConfigError(
+            f"--entrypoint-*: the job's driver asks for {need}, which no node type of {cluster_config} offers "
+            f"({offers}); the job would stay PENDING"
+        )
+
+
+def cluster_warnings(cfg: Config, address: str | None, command: str = "train", workdir: str | None = None) -> list[str]:
     """Settings that work on one machine but not on a multi-node cluster."""
     host = urlparse(address if address and "://" in address else f"http://{address}").hostname
     if address is None or host in LOCAL_HOSTS:
@@ -218,6 +295,11 @@ def cluster_warnings(cfg: Config, address: str | None) -> list[str]:
     local_data = [u for u in cfg.data.train + cfg.data.eval if not is_s3(u)]
     if local_data:
         warnings.append(f"data paths {local_data} are local: every node must see them (use s3://)")
+    if command == "tune" and not is_s3(workdir or ""):
+        warnings.append(
+            f"--workdir {workdir or '(default: sweeps/<space name>)'} is local: Tune's trials on other nodes "
+            "cannot write there; use --workdir s3://BUCKET/sweeps/NAME"
+        )
     return warnings
 
 
@@ -262,6 +344,7 @@ def submit_job(client, submission: Submission, attempts: int = 12, wait_s: float
                 submission_id=submission.submission_id,
                 runtime_env=submission.runtime_env,
                 metadata=submission.metadata,
+                **submission.entrypoint_options,
             )
         except RuntimeError as e:
             if len(tries) > 1 and "already exists" in str(e):
@@ -299,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="job API / dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--command", choices=["train", "plan"], default="train", help="vistralv-ray sub-command to run")
+    p.add_argument(
+        "--command", choices=["train", "plan", "tune"], default="train", help="vistralv-ray sub-command to run"
+    )
     p.add_argument("--submission-id", default=None, help="default: <run name>-<UTC time>")
     p.add_argument(
         "--env",
@@ -316,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
         "node types and checks that every worker and preprocessing actor fits one of them",
     )
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="also leave out of the upload")
+    tune = p.add_argument_group("--command tune")
+    tune.add_argument("--space", default=None, help="search space YAML inside this repository (tune_spaces/...)")
+    tune.add_argument("--workdir", default=None, help="where the sweep writes: s3://BUCKET/sweeps/NAME on a cluster")
+    tune.add_argument("--samples", type=int, default=None, help="number of samples (default: the space's)")
+    tune.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+    driver = p.add_argument_group("entrypoint resources (reserved for the job's driver; default: none)")
+    driver.add_argument("--entrypoint-num-cpus", type=float, default=None, metavar="N")
+    driver.add_argument("--entrypoint-num-gpus", type=float, default=None, metavar="N")
+    driver.add_argument("--entrypoint-memory", type=float, default=None, metavar="BYTES")
+    driver.add_argument(
+        "--entrypoint-resources",
+        default=None,
+        metavar="YAML",
+        help="custom resources, e.g. '{head: 1}' to keep the driver on a node that offers `head`",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the job as JSON; contact no cluster")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 0 on success")
     return p
@@ -351,14 +451,14 @@ def job_action(action: str, argv: list[str]) -> int:
 def submit_warnings(
     args: argparse.Namespace, cfg: Config, submission: Submission, environ: dict[str, str]
 ) -> list[str]:
-    warnings = cluster_warnings(cfg, args.address) + opt_in_warnings(environ, args.env)
+    warnings = cluster_warnings(cfg, args.address, args.command, args.workdir) + opt_in_warnings(environ, args.env)
     for path in ignored_paths(cfg, WORKING_DIR_EXCLUDES + args.exclude):
         warnings.append(
             f"{path} is git-ignored (or excluded): Ray leaves it out of the working_dir upload, so the job will not "
             "find it; use an s3:// URI or a path that exists on the cluster's nodes"
         )
     if (
-        args.command == "train"
+        args.command in ("train", "tune")
         and cfg.run.wandb == "online"
         and "WANDB_API_KEY" not in submission.runtime_env.get("env_vars", {})
     ):

@@ -9,12 +9,14 @@ REJECT_REASONS = (
     "image_outside_root",
     "decompression_bomb",
     "image_too_large",
+    "too_many_pixels",
     "no_assistant_turn",
     "roles_out_of_order",
     "too_many_image_tags",
     "control_token_in_text",
     "empty_text",
     "too_long",
+    "text_too_long",
     "malformed_record",
 )
 

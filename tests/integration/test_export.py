@@ -20,12 +20,13 @@ def test_lora_run_exports_merged_evaluates_and_chats(
 ):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from vistralv_ray.data.runs import mark_complete
     from vistralv_ray.inference.chat import ChatSession, load_image, run_chat
     from vistralv_ray.inference.evaluate import evaluate
     from vistralv_ray.inference.export import export
     from vistralv_ray.inference.models import answer_matches, load_model
     from vistralv_ray.model.assembly import PROJECTOR_FILE, build_model, save_projector
-    from vistralv_ray.training.loop import PROBE_ENV
+    from vistralv_ray.training.hooks import PROBE_ENV
     from vistralv_ray.training.step import model_kwargs
 
     # An earlier "align run" under the same storage, whose projector the finetune starts from by name.
@@ -33,6 +34,7 @@ def test_lora_run_exports_merged_evaluates_and_chats(
     earlier = Path(base.run.storage) / "align-earlier" / "checkpoint-000004"
     earlier.mkdir(parents=True)
     save_projector(build_model(base.model).model, earlier / PROJECTOR_FILE)
+    mark_complete(str(earlier), 4)
 
     monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe.pt"))
     cfg = run_config(

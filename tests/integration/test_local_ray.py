@@ -73,7 +73,7 @@ def run_cli(args: list[str], env: dict, timeout: float = 420) -> subprocess.Comp
     return proc
 
 
-def tiny_run_file(run_config, tmp_path: Path, name: str) -> Path:
+def tiny_run_file(run_config, tmp_path: Path, name: str, *overrides: str) -> Path:
     cfg = run_config(
         "scaling.workers=1",
         "train.max_steps=2",
@@ -81,6 +81,7 @@ def tiny_run_file(run_config, tmp_path: Path, name: str) -> Path:
         "data.preprocess_actors=1",
         f"run.name={name}",
         "run.progress_bar=false",
+        *overrides,
     )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
@@ -110,15 +111,22 @@ def files_holding(root: Path, values) -> list[str]:
     return found
 
 
+def logs_holding(procs: list[subprocess.CompletedProcess], values) -> list[str]:
+    return [f"{p.args[3]} output: {v[:6]}..." for p in procs for v in values if v in p.stdout + p.stderr]
+
+
 def test_a_stale_bootstrap_file_does_not_stop_train_or_prepare(run_config, demo_corpus, ray_tmpdir, tmp_path):
     # What `ray start --head` leaves behind when its head is killed without `ray stop`.
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     env = {**command_env(ray_tmpdir), **SECRETS}
 
-    proc = run_cli(["train", str(tiny_run_file(run_config, tmp_path, "stale-file"))], env)
+    # wandb offline: its files are written into the run directory.
+    proc = run_cli(["train", str(tiny_run_file(run_config, tmp_path, "stale-file", "run.wandb=offline"))], env)
     assert final_step(proc) == 2
     assert "starting an embedded local Ray" in proc.stderr
+    assert list((tmp_path / "runs" / "stale-file" / "wandb").glob("offline-run-*/run-*.wandb"))
+    procs = [proc]
 
     out = tmp_path / "shards"
     args = ["prepare", "--format", "llava", "--input", str(demo_corpus["eval"]), "--out", str(out)]
@@ -126,8 +134,16 @@ def test_a_stale_bootstrap_file_does_not_stop_train_or_prepare(run_config, demo_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records_out"] == manifest["records_in"] > 8  # several shards: Ray tasks built them
     assert "starting an embedded local Ray" in proc.stderr
-    # Run directory (config, plan, checkpoints), shards, manifest: no credential was written.
-    assert files_holding(tmp_path, SECRETS.values()) == []
+    procs.append(proc)
+    procs.append(run_cli(["export", str(tmp_path / "runs" / "stale-file"), str(tmp_path / "export")], env))
+    evaluate = ["eval", str(tmp_path / "export"), "--data", str(demo_corpus["eval"]), "--out", str(tmp_path / "eval")]
+    procs.append(run_cli([*evaluate, "--limit", "2", "--max-new-tokens", "2", "--resamples", "10"], env))
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    # Run directory (config, plan, checkpoints, wandb files), shards, manifest, export, eval output, and
+    # what the commands printed: no credential was written, nor the Ray cluster's auth token.
+    secrets_and_token = [*SECRETS.values(), TOKEN]
+    assert files_holding(tmp_path, secrets_and_token) == []
+    assert logs_holding(procs, secrets_and_token) == []
 
 
 class RayHead:

@@ -94,7 +94,7 @@ def single_process_step(cfg, shard_dir: str, probe_batch):
 def test_zero3_run_with_a_text_only_rank_matches_a_single_process_step(
     ray_local, run_config, mixed_shards, start_projector, tmp_path, monkeypatch
 ):
-    from vistralv_ray.training.loop import PROBE_ENV
+    from vistralv_ray.training.hooks import PROBE_ENV
 
     probe_path = tmp_path / "probe.pt"
     monkeypatch.setenv(PROBE_ENV, str(probe_path))

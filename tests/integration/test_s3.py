@@ -1,4 +1,5 @@
-"""S3 end to end against a local moto server: `prepare` writes shards to s3://, Ray Data reads them back.
+"""S3 end to end against a local moto server: `prepare` writes shards to s3://, Ray Data reads them back,
+a run checkpoints there, and a Tune sweep keeps everything (its state, trial runs, results) there.
 
 The AWS variables must reach Ray's workers (prepare's shard tasks, read_parquet's read tasks), not
 only this process: the module runs on a fresh local cluster that gets them through `runtime_env`,
@@ -160,6 +161,7 @@ def test_training_run_checkpoints_to_s3_and_exports_from_there(s3, run_config, t
     assert {"config.yaml", "lr_plan.yaml"} <= run_keys
     assert "checkpoint-000002/projector.safetensors" in run_keys
     assert any(k.startswith("checkpoint-000002/deepspeed/") for k in run_keys)
+    assert "checkpoint-000002/checkpoint_complete.json" in run_keys  # written through Ray's S3 filesystem
 
     out = export(f"s3://{BUCKET}/runs/align-test", tmp_path / "export")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -169,3 +171,42 @@ def test_training_run_checkpoints_to_s3_and_exports_from_there(s3, run_config, t
     exported = LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
     assert from_s3.keys() == exported.keys()
     assert all(torch.equal(from_s3[k], exported[k]) for k in exported)
+
+
+def test_tune_sweep_on_s3_keeps_its_state_trial_runs_and_results_in_the_bucket(s3, run_config, tmp_path, capsys):
+    """`vistralv-ray tune --workdir s3://...`: what a sweep on a multi-node cluster needs (no NFS).
+    Two 1-step trials at once, FIFO (ASHA's ranking is test_tune.py's, on local storage)."""
+    import yaml
+
+    from vistralv_ray.cli.main import main
+    from vistralv_ray.config import dump_config
+
+    grid = [4e-3, 1e-3]
+    config_path = tmp_path / "tiny.yaml"
+    dump_config(run_config("train.max_steps=1", "run.name=users-own-run"), config_path)
+    space = {
+        "name": "s3-sweep",
+        "trial": {"scaling.workers": 1, "train.log_every": 1, "train.checkpoint_every": 1},
+        "search": {"train.base_lr": {"grid": grid}},
+        "scheduler": {"name": "fifo", "metric": "loss", "mode": "min"},
+    }
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    workdir = f"s3://{BUCKET}/sweeps/tiny"
+
+    assert main(["tune", str(config_path), "--space", str(space_path), "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+
+    files = keys(s3, "sweeps/tiny/")
+    assert {"best.json", "trials.csv", "loss_vs_base_lr.png", "loss_curves.png"} <= files, sorted(files)
+    rows = storage.read_bytes(f"{workdir}/trials.csv").decode().splitlines()
+    assert len(rows) == 3 and all(",completed," in r for r in rows[1:]), rows
+    best = json.loads(storage.read_bytes(f"{workdir}/best.json"))
+    assert best["base_lr"] in grid and best["status"] == "completed"
+    # Tune's own state and every trial's run (config, checkpoint) are in the bucket too.
+    assert any(k.startswith("tune/") for k in files), sorted(files)
+    for run_name in {r.split(",")[1] for r in rows[1:]}:
+        assert f"runs/{run_name}/checkpoint-000001/projector.safetensors" in files, sorted(files)
+    # `@` reads local files only: the command to use the result carries the values.
+    assert f"--set train.base_lr={best['base_lr']}" in out and "@s3://" not in out
+    assert f"best:         {workdir}/best.json" in out

@@ -19,15 +19,32 @@ def losses(result) -> list[float]:
     return [m["loss"] for m in result.return_value["history"]]
 
 
+@pytest.fixture(scope="module")
+def held_out_benchmarks(demo_corpus, tmp_path_factory):
+    from vistralv_ray.data.demo import held_out_benchmark_files
+
+    return held_out_benchmark_files(demo_corpus["eval"], demo_corpus["images"], tmp_path_factory.mktemp("bench"))
+
+
+# The benchmark step's metrics (train.benchmark) and the largest value each can take.
+BENCH_METRICS = {
+    "openvivqa": {"exact_match": 1, "f1": 1, "bleu_1": 1, "bleu_4": 1, "bleu": 1, "rouge_l": 1, "cider": 10},
+    "mtvqa": {"accuracy": 1},
+}
+
+
 @pytest.mark.parametrize(("zero_stage", "stage"), [(2, "align"), (3, "finetune")])
 def test_two_worker_run_completes_lowers_the_loss_and_exports(
-    ray_local, run_config, zero_stage, stage, tmp_path, monkeypatch
+    ray_local, run_config, zero_stage, stage, tmp_path, monkeypatch, held_out_benchmarks, demo_corpus
 ):
-    from vistralv_ray.training.loop import PROBE_ENV
+    from vistralv_ray.training.hooks import PROBE_ENV
 
     monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe.pt"))
     wandb = "offline" if zero_stage == 2 else "off"  # one of the runs also checks the wandb metrics
     projector_scale = 1.0 if stage == "align" else 0.5  # finetune: the projector at half the LR
+    # The benchmark step on 5 held-out questions (uneven over 2 ranks) at steps 3 and 6; under ZeRO-3
+    # every rank must take part in every generate call.
+    bench = "openvivqa" if zero_stage == 2 else "mtvqa"
     cfg = run_config(
         f"train.zero_stage={zero_stage}",
         "train.max_steps=6",
@@ -35,6 +52,12 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
         f"train.projector_lr_scale={projector_scale}",
         f"run.wandb={wandb}",
         f"run.name=zero{zero_stage}-{stage}",
+        f"train.benchmark.name={bench}",
+        f"train.benchmark.data={held_out_benchmarks[bench]}",
+        f"train.benchmark.images={demo_corpus['images']}",
+        "train.benchmark.every_steps=3",
+        "train.benchmark.max_questions=5",
+        "train.benchmark.max_new_tokens=4",
         stage=stage,
     )
     result = train(cfg)
@@ -42,6 +65,7 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
     history = losses(result)
     assert result.return_value["steps"] == 6 and len(history) == 6
     reports = result.return_value["history"]
+    assert_benchmark_step_reported(reports, BENCH_METRICS[bench], steps=[3, 6], questions=5)
     from vistralv_ray.training.optim import lr_lambda
 
     cosine = lr_lambda(6, 0, "cosine")  # no warmup here: the LR in use after step s
@@ -53,6 +77,13 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
     ckpt = Path(result.checkpoint.path)
     assert (ckpt / "projector.safetensors").is_file() and (ckpt / "tokenizer" / "tokenizer_config.json").is_file()
     assert sorted((ckpt / "seen").glob("rank-*.npy")) and len(list((ckpt / "seen").glob("*.npy"))) == 2
+    # Each checkpoint is marked complete, last, once both ranks' uploads are done; resume and export
+    # take the newest complete one.
+    from vistralv_ray.data.runs import COMPLETE_FILE, latest_checkpoint_uri
+
+    marked = sorted(p.parent.name for p in run_dir.glob(f"checkpoint-*/{COMPLETE_FILE}"))
+    assert marked == ["checkpoint-000003", "checkpoint-000006"]
+    assert latest_checkpoint_uri(str(run_dir)) == str(ckpt)
     # The exported model, loaded by plain transformers, computes what the trained engine computed.
     model = assert_export_matches_trainer(run_dir, tmp_path / "probe.pt", tmp_path / "export")
     # The checkpoint's projector file (what a finetune starts from) holds the trained projector in
@@ -64,6 +95,16 @@ def test_two_worker_run_completes_lowers_the_loss_and_exports(
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
     if wandb == "offline":
         assert_wandb_offline_run_has_the_metrics(run_dir, reports)
+
+
+def assert_benchmark_step_reported(reports: list[dict], ranges: dict, steps: list[int], questions: int) -> None:
+    """bench/<metric> in the reports of the benchmark step's steps only, every metric in its range."""
+    assert [m["step"] for m in reports if any(k.startswith("bench/") for k in m)] == steps
+    for m in reports:
+        if m["step"] in steps:
+            assert m["bench/questions"] == questions
+            for name, top in ranges.items():
+                assert 0.0 <= m[f"bench/{name}"] <= top, (m["step"], name, m[f"bench/{name}"])
 
 
 def assert_run_files_hold_the_run(run_dir: Path, cfg, total_steps: int) -> None:
@@ -129,6 +170,11 @@ def assert_wandb_offline_run_has_the_metrics(run_dir: Path, reports: list[dict])
     assert [row["_step"] for row in rows] == [m["step"] for m in reports]
     for row, report in zip(rows, reports):
         for key in ("loss", "lr", "tokens_per_s", "grad_norm", "data_wait_fraction"):
+            assert row[key] == pytest.approx(report[key]), (report["step"], key)
+        # The benchmark step's rows (train.benchmark) carry its metrics too.
+        bench = sorted(k for k in report if k.startswith("bench/"))
+        assert sorted(k for k in row if k.startswith("bench/")) == bench
+        for key in bench:
             assert row[key] == pytest.approx(report[key]), (report["step"], key)
 
 
@@ -248,7 +294,7 @@ def shared_id_shards(demo_corpus, tmp_path_factory):
 def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_config, monkeypatch, shared_id_shards):
     from vistralv_ray.config import ConfigError
     from vistralv_ray.training.driver import build_trainer
-    from vistralv_ray.training.loop import FAULT_ENV
+    from vistralv_ray.training.hooks import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "2")
     import ray
@@ -298,7 +344,7 @@ def test_killed_worker_resumes_and_finishes_the_planned_steps(ray_local, run_con
 def test_resume_restores_rng_states_so_dropout_continues_as_uninterrupted(ray_local, run_config, monkeypatch, dropout):
     """LoRA dropout on, one worker, data in a fixed order: a run killed after its step-2 checkpoint and
     resumed gives the per-step losses of a run that never stopped (each rank's RNG states come back)."""
-    from vistralv_ray.training.loop import FAULT_ENV
+    from vistralv_ray.training.hooks import FAULT_ENV
 
     common = [
         "model.lora.enabled=true",

@@ -127,6 +127,8 @@ def test_bench_data_json_has_the_expected_keys(capsys):
         "ours_samples_per_s_per_core",
         "reference_samples_per_s_per_core",
         "speedup",
+        "prepared_samples_per_s_per_core",
+        "prepared_speedup",
         "nonpad_fraction",
         "reference_nonpad_fraction",
         "peak_rss_mb_1x",
@@ -141,15 +143,25 @@ def test_bench_data_json_has_the_expected_keys(capsys):
     assert result["nonpad_fraction"] == result["packing"]["nonpad_fraction"]["pack"] > 0.97
     assert result["reference_nonpad_fraction"] == result["packing"]["nonpad_fraction"]["group"]
     assert result["peak_rss_mb_1x"] is None and result["peak_rss_mb_10x"] is None  # memory runs skipped
-    assert set(result["images"]["methods"]) == {"ours_uint8", "ours_then_normalise_float32", "hf_siglip_pil"}
+    methods = {"ours_uint8", "ours_then_normalise_float32", "hf_siglip_pil", "prepared_uint8"}
+    assert set(result["images"]["methods"]) == methods
+    prepared = result["images"]["prepared"]
+    assert result["prepared_speedup"] == pytest.approx(
+        result["prepared_samples_per_s_per_core"] / result["reference_samples_per_s_per_core"]
+    )
+    # Stored at the model's size, then decoded: the per-epoch path's pixels, so the same distance.
+    assert prepared["max_level_difference_vs_hf"] == result["images"]["max_level_difference_vs_hf"] <= 2
+    assert prepared["format"] == "PPM" and prepared["prepare_ms_per_image"] > 0
     for m in result["images"]["methods"].values():
         assert {"samples_per_s_per_core", "samples_per_s_wall", "bytes_per_sample", "dtype", "shape"} <= set(m)
     assert result["images"]["methods"]["ours_uint8"]["shape"] == [256, 256, 3]
+    assert result["images"]["methods"]["prepared_uint8"]["shape"] == [256, 256, 3]
     assert result["images"]["methods"]["hf_siglip_pil"]["shape"] == [3, 256, 256]
     assert set(result["packing"]["nonpad_fraction"]) == {"pad", "group", "pack_rows_of_max_length", "pack"}
     assert "LLaVA-665K" in result["packing"]["assumption"] and result["memory"] is None
     table = format_data(result)
     assert "samples/s/core" in table and "non-pad fraction" in table and "(d) shuffling" in table
+    assert "prepare --store-pixels" in table
 
 
 def test_train_report_table():

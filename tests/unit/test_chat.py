@@ -184,12 +184,15 @@ def test_eval_commands_pass_their_options(exported, monkeypatch, tmp_path, capsy
         "batch_size": 3,
         "max_new_tokens": 7,
         "limit": 5,
+        "progress": None,  # the bar: where stderr is a terminal
     }
     assert json.loads(capsys.readouterr().out.split("predictions:")[0]) == {"accuracy": 1}
 
-    assert infer.evaluate(parse(["eval", str(exported[0]), *common, "--benchmark", "vivqa", "--blank-images"])) == 0
+    bench = ["eval", str(exported[0]), *common, "--benchmark", "vivqa", "--blank-images", "--no-progress"]
+    assert infer.evaluate(parse(bench)) == 0
     args, kw = calls["bench"]
     assert args[1:] == ("vivqa", "d.json", Path(out)) and kw["blank_images"] is True and kw["limit"] == 5
+    assert kw["progress"] is False
     assert "0.5000   95% CI [0.4000, 0.6000]" in capsys.readouterr().out
 
     assert infer.eval_compare(parse(["eval-compare", "a", "b", "--out", out, "--resamples", "9"])) == 0

@@ -293,6 +293,44 @@ def test_cpu_nodes_carry_the_resource_the_recipes_ask_for(launcher, rayjob):
         assert has == (name == "ray.worker.cpu"), name
 
 
+def cluster_node_types() -> dict[str, tuple[list, str]]:
+    """(node types, the head's name) of every cluster file: the launcher template and each KubeRay
+    RayJob / RayCluster."""
+    from vistralv_ray.training.preflight import node_types_from_kuberay, node_types_from_launcher
+
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    shapes = {LAUNCHER.name: (node_types_from_launcher(launcher), launcher["head_node_type"])}
+    for path in sorted(CLUSTER.glob("kuberay-*.yaml")):
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if isinstance(doc, dict) and doc.get("kind") in ("RayJob", "RayCluster"):
+                shapes[f"{path.name}#{i}"] = (node_types_from_kuberay(doc), "head")
+    return shapes
+
+
+def test_the_resources_recipes_name_are_on_the_node_kinds_of_every_cluster_file():
+    """Train workers fit the GPU node types only, preprocessing actors the CPU worker types only (not
+    the head), in every cluster file, for every recipe that names placement resources."""
+    from vistralv_ray.training.preflight import preprocess_bundle, worker_bundle
+
+    def fits(bundle: dict, offer: dict) -> bool:
+        return all(offer.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
+
+    pinned = []
+    for recipe in sorted((REPO / "jobs").glob("*.yaml")):
+        cfg = load_config(recipe)
+        if not (cfg.scaling.resources_per_worker or cfg.data.preprocess_resources):
+            continue  # a local recipe: runs wherever there is room
+        pinned.append(recipe.name)
+        for where, (types, head) in cluster_node_types().items():
+            workers = {t.name for t in types if fits(worker_bundle(cfg, use_gpu=True), t.resources)}
+            actors = {t.name for t in types if fits(preprocess_bundle(cfg), t.resources)}
+            gpu = {t.name for t in types if t.resources.get("GPU", 0) > 0}
+            cpu = {t.name for t in types if not t.resources.get("GPU", 0) and t.name != head}
+            assert workers == gpu and gpu, f"{recipe.name} on {where}: train workers fit {workers}, GPU types {gpu}"
+            assert actors == cpu and cpu, f"{recipe.name} on {where}: preprocessing fits {actors}, CPU types {cpu}"
+    assert {"align.yaml", "finetune.yaml"} <= set(pinned)
+
+
 # ---- KubeRay RayJob -------------------------------------------------------------------------------
 
 
@@ -421,7 +459,7 @@ FINETUNE_ON_S3 = [
 def test_dry_run_forwards_no_secrets_by_default(submit, clean_env, capsys):
     secrets = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID", "AWS_SECRET_ACCESS_KEY": "aws-s3cret",
                "AWS_SESSION_TOKEN": "aws-s3ssion", "WANDB_API_KEY": "wandb-s3cret",
-               "HF_TOKEN": "hf-s3cret"}  # fmt: skip
+               "HF_TOKEN": "hf-s3cret", "RAY_AUTH_TOKEN": "ray-auth-s3cret"}  # fmt: skip
     for name, value in {**secrets, "AWS_REGION": "us-west-2", "AWS_PROFILE": "laptop"}.items():
         clean_env.setenv(name, value)
     rc = submit.main(["jobs/finetune.yaml", "--address", "http://10.0.0.1:8265", "--set", "scaling.workers=16",
@@ -588,3 +626,62 @@ def test_stop_and_logs_use_the_job_client(submit, clean_env, capsys):
     assert submit.main(["logs", "run-1"]) == 0
     assert calls == [("stop", "run-1"), ("logs", "run-1")]
     assert "step 1 loss 2.0" in capsys.readouterr().out
+
+
+def test_entrypoint_resources_reach_the_job_client_and_must_fit_a_node_type(submit, clean_env, capsys):
+    base = ["jobs/finetune.yaml", "--address", "http://10.0.0.1:8265", "--set", "scaling.use_gpu=true", *FINETUNE_ON_S3]
+    rc = submit.main([*base, "--entrypoint-num-cpus", "1", "--entrypoint-resources", "{head: 1}", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    job = json.loads(out)
+    assert (job["entrypoint_num_cpus"], job["entrypoint_resources"]) == (1.0, {"head": 1.0})
+    assert "entrypoint_num_gpus" not in job and "entrypoint_memory" not in job  # only what was asked for
+
+    calls = []
+
+    class Client:
+        def submit_job(self, **kwargs):
+            calls.append(kwargs)
+            return kwargs["submission_id"]
+
+        def get_address(self):
+            return "http://10.0.0.1:8265"
+
+    clean_env.setattr(submit, "connect", lambda address: Client())
+    assert submit.main([*base, "--entrypoint-num-gpus", "0.5", "--entrypoint-memory", "2e9"]) == 0
+    assert (calls[0]["entrypoint_num_gpus"], calls[0]["entrypoint_memory"]) == (0.5, 2_000_000_000)
+    assert "entrypoint_num_cpus" not in calls[0]
+
+    # A driver no node type can hold would leave the job PENDING: refused before submitting.
+    cluster = ["--cluster-config", "cluster/aws-a100.yaml", "--dry-run"]
+    assert submit.main([*base, *cluster, "--entrypoint-num-gpus", "16"]) == 2
+    assert "the job would stay PENDING" in capsys.readouterr().err
+    assert submit.main([*base, *cluster, "--entrypoint-num-cpus", "1"]) == 0
+    capsys.readouterr()
+    for bad in ("[1, 2]", "{head: many}", "{CPU: 1}"):
+        assert submit.main([*base, "--entrypoint-resources", bad, "--dry-run"]) == 2
+        assert "--entrypoint-resources" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+def test_submit_tune_sends_the_space_and_an_s3_workdir(submit, clean_env, capsys):
+    base = ["jobs/align.yaml", "--address", "http://10.0.0.1:8265", "--set", "scaling.use_gpu=true",
+            "--set", "run.wandb=off", *FINETUNE_ON_S3, "--dry-run"]  # fmt: skip
+    tune = ["--command", "tune", "--space", "tune_spaces/base_lr_align.yaml", "--samples", "4"]
+    assert submit.main([*base, *tune, "--workdir", "s3://b/sweeps/align"]) == 0
+    out, err = capsys.readouterr()
+    entrypoint = json.loads(out)["entrypoint"]
+    assert entrypoint.startswith(
+        "vistralv-ray tune jobs/align.yaml --space tune_spaces/base_lr_align.yaml --workdir s3://b/sweeps/align "
+        "--samples 4 --set"
+    )
+    args = build_parser().parse_args(shlex.split(entrypoint)[1:])  # the job's command line parses
+    assert (args.workdir, args.samples) == ("s3://b/sweeps/align", 4)
+    assert "workdir" not in err
+    # On a remote cluster, a local sweep directory is one the other nodes cannot write to.
+    assert submit.main([*base, *tune]) == 0
+    assert "--workdir (default: sweeps/<space name>) is local" in capsys.readouterr().err
+    assert submit.main([*base, "--command", "tune"]) == 2
+    assert "--command tune needs --space" in capsys.readouterr().err
+    assert submit.main([*base, "--space", "tune_spaces/base_lr_align.yaml"]) == 2
+    assert "--space: only for --command tune" in capsys.readouterr().err

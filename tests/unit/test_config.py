@@ -56,6 +56,11 @@ def test_overrides_parse_yaml_values():
         ({}, ["model.projector=linear"], "model.projector", "'mlp2x_gelu'"),
         ({}, ["data.max_block_mb=0"], "data.max_block_mb", ">= 1"),
         ({}, ["train.precision=fp16"], "train.precision", "use bf16"),
+        ({}, ["train.benchmark.name=vqav2"], "train.benchmark.name", "'openvivqa'"),
+        ({}, ["train.benchmark.name=mtvqa"], "train.benchmark.data", "needs its file"),
+        ({}, ["train.benchmark.data=x.json"], "train.benchmark.name", "name it"),
+        ({}, ["train.benchmark.every_steps=0"], "train.benchmark.every_steps", ">= 1"),
+        ({}, ["train.benchmark.max_questions=0"], "train.benchmark.max_questions", ">= 1"),
     ],
 )
 def test_errors_name_the_key(data, overrides, key, hint):

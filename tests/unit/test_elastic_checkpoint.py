@@ -49,11 +49,19 @@ def _worker(rank: int, world: int, mode: str, directory: str, stage: int, port: 
         "train_micro_batch_size_per_gpu": per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": GLOBAL_BATCH,
-        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": False},
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": False,
+            "contiguous_gradients": False,
+            # ZeRO-3: every parameter really partitioned (train.zero3_persistence_threshold=0), none kept whole.
+            **({"stage3_param_persistence_threshold": 0} if stage == 3 else {}),
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    if stage == 3 and world > 1:  # each rank holds a slice of every parameter, not a whole one
+        assert all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())
 
     def step(n: int) -> None:
         x = _batch(n)[rank * per_rank : (rank + 1) * per_rank]
@@ -82,7 +90,7 @@ def _run(world: int, mode: str, directory, stage: int, port: int, out) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("stage", [2])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_a_checkpoint_of_two_ranks_continues_on_one_and_three(tmp_path, stage):
     reference = _run(2, "save", tmp_path / "ckpt", stage, 29641, tmp_path / "saved.pt")
     for world, port in ((1, 29643), (3, 29644)):

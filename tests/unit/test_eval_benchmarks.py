@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import typing
 
 import numpy as np
 import pytest
@@ -184,6 +185,49 @@ def test_benchmark_answers_do_not_depend_on_the_batch_size(export, tmp_path):
     assert len({r["raw_prediction"] for r in answered}) > 1  # the answers depend on the question and image
     assert all(r["blank_prediction"] is not None for r in answered)
     assert ones[-1]["reject_reason"] and ones[-1]["raw_prediction"] == ""  # counted, not a crash
+
+
+def test_the_training_benchmark_step_asks_what_eval_asks(export, tiny_assets, tmp_path):
+    """train.benchmark's step (training/benchmark.py: training tokenizer, template and pixels) answers as
+    `eval --benchmark` answers with the export of the same weights, and deals uneven questions to ranks."""
+    import types
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vistralv_ray.config import ConfigError
+    from vistralv_ray.config.schema import ModelConfig, TrainBenchmark
+    from vistralv_ray.evaluation.benchmarks import BENCHMARKS, clean_answer
+    from vistralv_ray.model.assembly import build_model
+    from vistralv_ray.training.benchmark import BenchmarkStep, load_subset
+
+    # train.benchmark.name takes the benchmarks `eval --benchmark` reads a published layout of.
+    hint = typing.get_type_hints(TrainBenchmark)["name"]
+    assert {name for arg in typing.get_args(hint) for name in typing.get_args(arg)} == set(BENCHMARKS)
+    paths = write_benchmark_files(tmp_path)
+    settings = TrainBenchmark(name="openvivqa", data=str(paths["openvivqa"]), max_questions=4, max_new_tokens=5)
+    items = load_subset(settings)
+    assert [i.id for i in items] == ["100", "101", "102", "103"]  # the file's first questions
+    with pytest.raises(ConfigError, match="^train.benchmark.data: .* is not a file"):
+        load_subset(TrainBenchmark(name="openvivqa", data=str(tmp_path / "absent.json")))
+
+    mc = ModelConfig(language_model=str(tiny_assets["llm"]), vision_tower=str(tiny_assets["vision"]), max_length=512)
+    assembled = build_model(mc)
+    model = LlavaForConditionalGeneration.from_pretrained(str(export), dtype=torch.float32).eval()
+    engine = types.SimpleNamespace(module=model, eval=model.eval, train=model.eval)
+    step = BenchmarkStep(settings, items, assembled, mc, rank=0, world=1, synced=False)
+    metrics = step.run(engine, torch.device("cpu"), torch.float32, step=1)
+
+    bench = get_benchmark("openvivqa")
+    predictor = BenchmarkPredictor(str(export), max_new_tokens=5, device="cpu")
+    rows = run(predictor, [{"id": i.id, "image": i.image, "prompt": bench.prompt(i)} for i in items], 8)
+    expected = [clean_answer(r["raw_prediction"]) for r in rows]
+    assert step.last_predictions == expected and len(set(expected)) > 1
+    values, _ = score_report(bench, expected, items, resamples=10)
+    assert metrics == {f"bench/{k}": v for k, v in values.items()} | {"bench/questions": 4}
+    # 3 ranks, 4 questions: every rank makes 2 generate calls; ranks 1 and 2 repeat a question.
+    dealt = [BenchmarkStep(settings, items, assembled, mc, rank=r, world=3, synced=True) for r in range(3)]
+    assert [(s.asked, s.answered) for s in dealt] == [([0, 3], 2), ([1, 1], 1), ([2, 2], 1)]
 
 
 def test_a_model_without_chat_template_needs_template(export, tmp_path):

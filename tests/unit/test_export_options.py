@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from vistralv_ray.config import dump_config
 from vistralv_ray.config.schema import Config, ModelConfig, TrainConfig
-from vistralv_ray.data.runs import CONFIG_FILE, RUN_INFO_FILE, STATE_FILE
+from vistralv_ray.data.runs import CONFIG_FILE, RUN_INFO_FILE, STATE_FILE, IncompleteCheckpointError, mark_complete
 from vistralv_ray.inference import export as export_module
 
 
@@ -30,6 +30,7 @@ def make_checkpoint(directory, model_cfg: ModelConfig, step: int, precision: str
     dump_config(Config(model=model_cfg, train=TrainConfig(stage=stage)), directory / CONFIG_FILE)
     (directory / STATE_FILE).write_text(json.dumps({"step": step, "tag": f"global_step{step}"}))
     (directory / RUN_INFO_FILE).write_text(json.dumps({"precision": precision}))
+    mark_complete(str(directory), step)  # DeepSpeed's shards are faked: only the marker says complete
     return directory
 
 
@@ -133,11 +134,17 @@ def test_a_run_exports_its_newest_checkpoint_and_a_checkpoint_itself(tiny_assets
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_module.export(str(tmp_path / "not-a-run"), tmp_path / "x")
-    (run / "checkpoint-000012").mkdir()
+    (run / "checkpoint-000012").mkdir()  # an upload cut short: newer, never exported
     (run / "checkpoint-000012" / STATE_FILE).write_text(json.dumps({"step": 12, "tag": "global_step12"}))
+    assert json.loads((export_module.export(str(run), tmp_path / "y") / "vistralv_export.json").read_text())[
+        "source"
+    ] == str(run / "checkpoint-000010")
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        export_module.export(str(run / "checkpoint-000012"), tmp_path / "z")
+    mark_complete(str(run / "checkpoint-000012"), 12)
     with pytest.raises(FileNotFoundError, match="not a vistralv-ray checkpoint"):
-        export_module.export(str(run), tmp_path / "y")
-    assert not (tmp_path / "y").exists()
+        export_module.export(str(run), tmp_path / "z")
+    assert not (tmp_path / "z").exists()
 
 
 def test_a_resize_model_exports_a_processor_that_resizes_without_padding(tiny_assets, tmp_path, fake_gather):

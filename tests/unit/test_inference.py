@@ -145,6 +145,7 @@ def test_exported_processor_reproduces_training_token_ids_and_image_tokens(tiny_
 
 
 def test_projector_source_resolves_run_names_runs_and_checkpoints(tiny_model_config, tmp_path):
+    from vistralv_ray.data.runs import mark_complete
     from vistralv_ray.model.assembly import (
         PROJECTOR_FILE,
         build_model,
@@ -158,6 +159,7 @@ def test_projector_source_resolves_run_names_runs_and_checkpoints(tiny_model_con
     for step in (2, 10):
         (run / f"checkpoint-{step:06d}").mkdir(parents=True)
         save_projector(assembled.model, run / f"checkpoint-{step:06d}" / PROJECTOR_FILE)
+        mark_complete(str(run / f"checkpoint-{step:06d}"), step)
     newest = str(run / "checkpoint-000010" / PROJECTOR_FILE)
     assert resolve_projector_uri("align-seed0", str(tmp_path / "runs")) == newest
     assert resolve_projector_uri(str(run)) == newest

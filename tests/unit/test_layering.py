@@ -16,6 +16,10 @@ LAYERS = [
     ("config", "ray_runtime"),
     ("data.storage", "data.runs"),
     ("text",),
+    # The scoring core of `eval --benchmark` (readers, prompts, answer clean-up, metrics: pure Python, no
+    # model, no Ray) sits low, so that the training loop's benchmark step shares it; its runners
+    # (runner, compare) stay above inference.
+    ("evaluation.benchmarks", "evaluation.formats", "evaluation.metrics", "evaluation.text", "evaluation.bootstrap"),
     ("data",),
     ("model",),
     ("training",),

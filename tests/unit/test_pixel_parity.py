@@ -5,7 +5,8 @@ size, `decode_to_pixels` with the tower's pad colour at SigLIP-256's); the other
 processor the export writes, loaded back with `AutoProcessor` as a user of the export loads it, fed
 the image as a user opens it (EXIF orientation applied, transparency left to the processor). Images
 are noise on gradients with shapes: a flat image cannot tell one resampling filter from another.
-The bound (issue 17): within 2 levels of 255 at every pixel but the outermost ring.
+The bound (issue 17): within 2 levels of 255 at every pixel but the outermost ring. Shards of
+`prepare --store-pixels` (resized once, at the model's size) are held to the same pixels, exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from vistralv_ray.config.schema import Config, ModelConfig
-from vistralv_ray.data.images import decode_to_pixels, pixel_stats
+from vistralv_ray.data.images import StoredPixels, decode_to_pixels, pixel_stats, pixels_for_model
 from vistralv_ray.data.preprocess import Preprocessor
 from vistralv_ray.training.step import normalize_pixels
 
@@ -234,3 +235,45 @@ def test_normalisation_comes_from_the_vision_towers_config(tiny_assets, images, 
     finally:
         hook.remove()
     assert (seen[0][0] - theirs)[:, 1:-1, 1:-1].abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("aspect", ["resize", "pad"])
+def test_shards_prepared_at_the_models_size_give_the_exported_processors_pixels(tiny_assets, images, aspect, tmp_path):
+    """`prepare --store-pixels` resizes once; training decodes its shards, without resizing again, to
+    the per-epoch path's pixels on the original files exactly, so to the exported processor's."""
+    import pyarrow.parquet as pq
+
+    from vistralv_ray.data.prepare import PrepareOptions, prepare
+
+    model_cfg = model_config(tiny_assets, aspect)
+    root = tmp_path / "images"
+    root.mkdir()
+    records, originals = [], {}
+    for i, (case, (data, _)) in enumerate(images.items()):
+        name = f"{i}.{case[2].lower()}"
+        (root / name).write_bytes(data)
+        originals[str(i)] = (case, data)
+        turns = [{"from": "human", "value": "<image>\nGì?"}, {"from": "gpt", "value": "Ảnh."}]
+        records.append({"id": str(i), "image": name, "conversations": turns})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    opts = PrepareOptions(str(root), str(tmp_path / "shards"), pixels=pixels_for_model(model_cfg))
+    manifest = prepare(tmp_path / "train.json", opts, parallel=False, progress=False)
+    assert manifest["records_out"] == len(images)
+    fill = list(pixel_stats(model_cfg.vision_tower).fill)
+    assert manifest["pixels"] == {"size": 32, "aspect": aspect, "fill": fill, "resample": "bicubic", "format": "PPM"}
+
+    preprocessor = Preprocessor(dataclasses.asdict(model_cfg), max_pixels=10_000_000)
+    image_processor = exported_image_processor(model_cfg, tmp_path / "export")
+    rows = pq.read_table(tmp_path / "shards" / manifest["shards"][0]["name"]).to_pylist()
+    for row in rows:
+        case, data = originals[row["id"]]
+        assert Image.open(io.BytesIO(row["image"])).size == (32, 32), case
+        ours = training_pixels(preprocessor, row["image"])
+        assert np.array_equal(ours, training_pixels(preprocessor, data)), (aspect, *case)
+        assert_within_bound(ours, processor_levels(image_processor, as_user_opens(data)), (aspect, *case))
+
+    # At SigLIP-256's size too: stored, then decoded, the per-epoch path's pixels exactly.
+    stored = StoredPixels(256, aspect, tuple(fill))
+    for case, (data, _) in images.items():
+        once = decode_to_pixels(stored.store(data), 256, aspect, fill=stored.fill)
+        assert np.array_equal(once, decode_to_pixels(data, 256, aspect, fill=stored.fill)), (aspect, *case)

@@ -90,7 +90,7 @@ def test_resources_no_node_type_offers():
 def test_kuberay_groups_are_read_as_node_types():
     types = {t.name: t for t in preflight.load_node_types(REPO / "cluster" / "kuberay-rayjob.yaml")}
     assert types["head"].resources == {"CPU": 0.0}
-    assert types["a100"].resources == {"CPU": 88.0, "GPU": 8.0} and types["a100"].max_count == 2
+    assert types["a100"].resources == {"CPU": 88.0, "GPU": 8.0, "trainer": 8.0} and types["a100"].max_count == 2
     assert types["cpu-preprocess"].resources == {"CPU": 60.0, "cpu_node": 1.0}
 
 
@@ -112,3 +112,29 @@ def test_run_preflight_on_a_cluster_resolves_use_gpu(monkeypatch, tmp_path):
     bootstrap.unlink()
     with pytest.raises(ConfigError, match=r"^scaling.use_gpu"):
         preflight.run_preflight(config("scaling.use_gpu=auto"))
+
+
+@pytest.mark.parametrize("recipe", ["align.yaml", "finetune.yaml", "local_tiny.yaml"])
+def test_an_embedded_ray_advertises_the_placement_resources_the_recipe_asks_for(recipe, monkeypatch):
+    """A cluster recipe pins its workers to `trainer` nodes and its preprocessing to `cpu_node` ones; run on
+    one machine (no RAY_ADDRESS), the embedded Ray holds both, so every worker and actor can start."""
+    import ray
+
+    from vistralv_ray.config import load_config
+    from vistralv_ray.training import driver
+
+    cfg = load_config(REPO / "jobs" / recipe)
+    started = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver, "init_ray", lambda **kwargs: started.update(kwargs))
+    driver.ensure_ray(cfg)
+    local = NodeType("local", {"CPU": started["num_cpus"], **started["resources"]}, 1)
+    preflight.check_resources_fit(cfg, [local], use_gpu=False)
+    # Both pools of preprocessing actors (training and eval data) at once, and every train worker.
+    assert started["resources"].get("trainer", 0) >= cfg.scaling.workers * cfg.scaling.resources_per_worker.get(
+        "trainer", 0
+    )
+    need = 2 * cfg.data.preprocess_actors * cfg.data.preprocess_resources.get("cpu_node", 0)
+    assert started["resources"].get("cpu_node", 0) >= need
+    assert bool(started["resources"]) == (recipe != "local_tiny.yaml")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +24,16 @@ def qa(question="Màu gì?\n<image>", answer="Màu đỏ."):
 
 def save(img: Image.Image, path, fmt="JPEG", **kw):
     img.save(path, format=fmt, **kw)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` pixels and holds none (what a decompression bomb opens as)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 @pytest.fixture()
@@ -48,6 +60,7 @@ def messy_source(tmp_path):
     save(red, buf)
     (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     save(Image.new("RGB", (300, 300), (1, 2, 3)), root / "huge.png", "PNG")
+    (root / "bomb.png").write_bytes(png_header(20_000, 20_000))  # PIL's own bomb limit, above any of ours
     (tmp_path / "outside.jpg").write_bytes((root / "good.jpg").read_bytes())
 
     records = [
@@ -64,7 +77,7 @@ def messy_source(tmp_path):
         {"id": "truncated", "image": "truncated.jpg", "conversations": qa()},
         {"id": "escape", "image": "../outside.jpg", "conversations": qa()},
         {"id": "absolute", "image": str(tmp_path / "outside.jpg"), "conversations": qa()},
-        {"id": "bomb", "image": "huge.png", "conversations": qa()},
+        {"id": "bomb", "image": "bomb.png", "conversations": qa()},
         {"id": "no-answer", "image": "good.jpg", "conversations": qa()[:1]},
         {"id": "order", "image": "good.jpg", "conversations": list(reversed(qa()))},
         {"id": "two-tags", "image": "good.jpg", "conversations": qa("<image> và <image>")},
@@ -72,6 +85,9 @@ def messy_source(tmp_path):
         {"id": "empty", "image": "good.jpg", "conversations": qa(answer="  ")},
         {"id": "long", "image": "good.jpg", "conversations": qa(answer="rất dài " * 80)},
         "not a record",
+        {"id": "many-pixels", "image": "huge.png", "conversations": qa()},
+        {"id": "long-message", "image": "good.jpg", "conversations": qa(answer="dài " * 501)},
+        {"id": "long-record", "image": "good.jpg", "conversations": qa("Gì? " * 300, "Đỏ. " * 300) * 2},
     ]
     src = tmp_path / "data.json"
     src.write_text(json.dumps(records, ensure_ascii=False))
@@ -83,11 +99,13 @@ EXPECTED_REJECTS = {
     "unreadable_image": 2,
     "image_outside_root": 2,
     "decompression_bomb": 1,
+    "too_many_pixels": 1,
     "no_assistant_turn": 1,
     "roles_out_of_order": 1,
     "too_many_image_tags": 1,
     "empty_text": 1,
     "too_long": 1,
+    "text_too_long": 2,
     "malformed_record": 2,
 }
 
@@ -100,6 +118,8 @@ def options(tmp_path, root, tiny_model_config: ModelConfig, **kw):
         max_pixels=200 * 200,
         model=tiny_model_config,
         fmt="llava",
+        max_message_chars=2000,
+        max_record_chars=4000,
         **kw,
     )
 
@@ -111,7 +131,7 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_mod
     src, root = messy_source
     tiny_model_config.max_length = 120
     manifest = prepare(src, options(tmp_path, root, tiny_model_config), parallel=False, progress=False)
-    assert manifest["records_in"] == 21
+    assert manifest["records_in"] == 24
     assert manifest["rejected"] == EXPECTED_REJECTS
     assert manifest["records_out"] == 8
     rejected = [json.loads(line) for line in (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()]
@@ -127,7 +147,13 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, messy_source, tiny_mod
     assert [m.num_rows for m in groups] == [4, 4] and all(m.num_row_groups == 2 for m in groups)
     ids = sorted(i for t in kept for i in t.column("id").to_pylist())
     assert ids == sorted(["good", "text-only", "gray", "rgba", "palette", "cmyk", "cmyk-tiff", "rotated"])
-    assert by_id["tag-in-answer"] == "malformed_record"
+    assert by_id["tag-in-answer"] == "malformed_record" and by_id["many-pixels"] == "too_many_pixels"
+    assert by_id["long-message"] == by_id["long-record"] == "text_too_long"  # each message within the limit
+    assert (manifest["max_image_pixels"], manifest["max_message_chars"], manifest["max_record_chars"]) == (
+        40_000,
+        2000,
+        4000,
+    )
     assert set(ids) | set(by_id) == {
         r.get("id", "row-20") if isinstance(r, dict) else "row-20" for r in json.loads(src.read_text())
     }

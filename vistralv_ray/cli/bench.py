@@ -128,6 +128,16 @@ def format_data(r: dict) -> str:
     ]
     out.append(_table(["method", "samples/s/core", "samples/s wall", "output", "KB/sample"], rows))
     out.append(f"ours vs HF SiglipImageProcessor (PIL), per core: x{im['speedup_per_core_vs_hf']:.2f}")
+    pre = im.get("prepared")
+    if pre:
+        out.append(
+            f"prepared_uint8: shards of `prepare --store-pixels` ({pre['format']} at {im['output_size']} px, "
+            f"{pre['shard_kb_per_image']:.0f} KB/image in the shard against {pre['plain_shard_kb_per_image']:.0f} "
+            f"for the originals), read and decoded each epoch: x{pre['speedup_per_core_vs_hf']:.2f} the reference "
+            f"per core, x{pre['speedup_per_core_vs_ours']:.2f} ours, within {pre['max_level_difference_vs_hf']} "
+            f"level(s); preparing costs {pre['prepare_ms_per_image']:.1f} ms/image once "
+            f"(a plain prepare {pre['plain_prepare_ms_per_image']:.1f})"
+        )
     out += [
         "",
         f"(b) non-padding token fraction, {pk['records']} synthetic records, micro-batch {pk['batch_size']}, "

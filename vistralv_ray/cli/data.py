@@ -37,7 +37,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix (must not hold shards yet)")
     p.add_argument("--shard-size", type=int, default=2000, help="records per shard (default 2000)")
-    p.add_argument("--max-image-pixels", type=int, default=None, help="reject larger images (decompression bombs)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reject images of more pixels (default: the config's data.max_image_pixels, 25,000,000)",
+    )
+    p.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reject records with a longer message (default: data.max_message_chars, 32,768)",
+    )
+    p.add_argument(
+        "--max-record-chars",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reject records whose messages are longer in all (default: data.max_record_chars, 131,072)",
+    )
     p.add_argument(
         "--max-image-bytes", type=int, default=None, help="reject larger image files (default 32 MiB)", metavar="N"
     )
@@ -54,13 +74,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config", default=None, help="run config: also reject sequences over its model.max_length (tokenized)"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--store-pixels",
+        action="store_true",
+        help="store each image as the config's model sees it (model.image_size, model.aspect, its tower's "
+        "mean as pad colour; lossless), so training does not resize it every epoch; needs --config or --set",
+    )
     p.add_argument("--serial", action="store_true", help="build shards in this process instead of Ray tasks")
     add_ray_address(p)
     p.set_defaults(func=prepare)
 
 
 def prepare(args: argparse.Namespace) -> int:
-    from vistralv_ray.data.images import DEFAULT_MAX_PIXELS
+    from vistralv_ray.config.schema import DataConfig
     from vistralv_ray.data.layouts import SourceError, get_layout
     from vistralv_ray.data.prepare import DEFAULT_MAX_IMAGE_BYTES, PrepareOptions, TooManyRejections
     from vistralv_ray.data.prepare import prepare as run
@@ -73,18 +99,24 @@ def prepare(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = None
-    max_pixels = args.max_image_pixels or DEFAULT_MAX_PIXELS
+    data_cfg = DataConfig()
+    if args.store_pixels and not (args.config or args.overrides):
+        message = "--store-pixels stores images at one model's size: give its --config (or --set model.*)"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    pixels = None
     if args.config or args.overrides:
         from vistralv_ray.config import load_config
+        from vistralv_ray.data.images import pixels_for_model
 
         cfg = load_config(args.config, args.overrides)
-        model = cfg.model
-        max_pixels = args.max_image_pixels or cfg.data.max_image_pixels
+        model, data_cfg = cfg.model, cfg.data
+        pixels = pixels_for_model(model) if args.store_pixels else None
     opts = PrepareOptions(
         image_root=args.image_root,
         out=args.out,
         shard_size=args.shard_size,
-        max_pixels=max_pixels,
+        max_pixels=args.max_image_pixels or data_cfg.max_image_pixels,
         strict=args.strict,
         model=model,
         fmt=args.fmt,
@@ -95,7 +127,14 @@ def prepare(args: argparse.Namespace) -> int:
         stage=args.stage,
         max_image_bytes=args.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
         max_rejected_fraction=args.max_rejected_fraction,
+        pixels=pixels,
+        max_message_chars=args.max_message_chars or data_cfg.max_message_chars,
+        max_record_chars=args.max_record_chars or data_cfg.max_record_chars,
     )
+    for flag, value in (("--max-message-chars", opts.max_message_chars), ("--max-record-chars", opts.max_record_chars)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1", file=sys.stderr)
+            return 2
     try:
         manifest = run(args.input, opts, parallel=False if args.serial else None)
     except (SourceError, ValueError) as e:  # ValueError: an option out of range, or --strict's RecordError

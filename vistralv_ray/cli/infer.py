@@ -60,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="a questions-done bar on stderr (llava: records); default: where stderr is a terminal",
+    )
     add_ray_address(p)
     p.set_defaults(func=evaluate)
 
@@ -120,6 +125,7 @@ def evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             limit=args.limit,
+            progress=args.progress,
         )
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
     print(f"predictions: {args.out / 'predictions.jsonl'}\nmetrics:     {args.out / 'metrics.json'}")
@@ -146,6 +152,7 @@ def evaluate_benchmark(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             limit=args.limit,
             resamples=args.resamples,
+            progress=args.progress,
         )
     intervals = metrics.get("ci95", {})
     for name, value in metrics.items():

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run config YAML the trials start from (e.g. jobs/align.yaml)")
     p.add_argument("--space", required=True, type=Path, help="search space YAML (e.g. tune_spaces/base_lr_align.yaml)")
     p.add_argument("--samples", type=int, help="number of samples (default: the space's `samples`)")
-    p.add_argument("--workdir", type=Path, help="where the sweep writes everything (default: sweeps/<space name>)")
+    p.add_argument(
+        "--workdir",
+        help="where the sweep writes everything, a local folder or an s3:// URI (on a multi-node cluster: "
+        "s3://, every node writes there) (default: sweeps/<space name>)",
+    )
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: what fits)")
     p.add_argument(
         "--set",
@@ -35,13 +39,14 @@ def tune(args: argparse.Namespace) -> int:
     import json
 
     from vistralv_ray.config import load_config
+    from vistralv_ray.data import storage
     from vistralv_ray.tuning.results import collect_trials, write_results
     from vistralv_ray.tuning.space import load_space
     from vistralv_ray.tuning.sweep import prepare_sweep, run_sweep
 
     cfg = load_config(args.config, args.overrides)
     space = load_space(args.space)
-    workdir = args.workdir or Path("sweeps") / space.name
+    workdir = args.workdir or str(Path("sweeps") / space.name)
     setup = prepare_sweep(cfg, space, workdir, args.samples, args.max_concurrent)
     print(
         f"sweep {space.name}: {setup.samples} sample(s), at most {setup.max_concurrent} "
@@ -65,7 +70,7 @@ def tune(args: argparse.Namespace) -> int:
     if "best" not in paths:
         print("no trial finished with a finite metric: no best.json written")
         return 1
-    found = json.loads(paths["best"].read_text())
+    found = json.loads(storage.read_bytes(str(paths["best"])))
     print(
         f"best:         {paths['best']} (trial {found['trial_id']}: base LR {found['base_lr']:.4g}, "
         f"{metric} {found['value']:.4f} at global batch {found['global_batch']}, {found['lr_rule']} rule)"
@@ -74,13 +79,21 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def transfer_command(args: argparse.Namespace, cfg, best: dict, best_path: Path) -> str:
-    """The `train` command that takes the tuned base LR (and the rule it was found with, where it differs)."""
-    sets = [f"train.base_lr=@{best_path}"]
+def transfer_command(args: argparse.Namespace, cfg, best: dict, best_path: Path | str) -> str:
+    """The `train` command that takes the tuned base LR (and the rule it was found with, where it differs).
+
+    `@FILE` reads a local best.json; a sweep on S3 gets the values themselves (`@` reads local files only).
+    """
+    local = "://" not in str(best_path)
+
+    def value(field: str) -> str:
+        return f"@{best_path}" if local else str(best[field])
+
+    sets = [f"train.base_lr={value('base_lr')}"]
     if best["lr_rule"] != cfg.train.lr_rule:
-        sets.append(f"train.lr_rule=@{best_path}")
+        sets.append(f"train.lr_rule={value('lr_rule')}")
     if best["reference_batch"] != cfg.reference_batch:
-        sets.append(f"train.reference_batch=@{best_path}")
+        sets.append(f"train.reference_batch={value('reference_batch')}")
     sets += [
         o for o in args.overrides if not o.startswith(("train.base_lr=", "train.lr_rule=", "train.reference_batch="))
     ]

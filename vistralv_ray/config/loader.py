@@ -231,6 +231,8 @@ def validate(cfg: Config) -> None:
         f"{d.pack_length} cannot hold a sample of model.max_length {m.max_length}; allowed: null or >= {m.max_length}",
     )
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+    _require(d.max_message_chars > 0, "data.max_message_chars", "must be > 0")
+    _require(d.max_record_chars > 0, "data.max_record_chars", "must be > 0")
     _require(d.preprocess_actors >= 1, "data.preprocess_actors", "allowed: >= 1")
     _require(d.preprocess_cpus_per_actor > 0, "data.preprocess_cpus_per_actor", "must be > 0")
     _require(d.prefetch_batches >= 0, "data.prefetch_batches", "allowed: >= 0")
@@ -268,6 +270,12 @@ def validate(cfg: Config) -> None:
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "allowed: >= 1")
     _require(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "allowed: null or >= 1")
     _require(t.log_every >= 1, "train.log_every", "allowed: >= 1")
+    b = t.benchmark
+    _require(b.name is None or bool(b.data), "train.benchmark.data", f"train.benchmark.name={b.name} needs its file")
+    _require(b.data is None or b.name is not None, "train.benchmark.name", "train.benchmark.data is set: name it")
+    _require(b.every_steps is None or b.every_steps >= 1, "train.benchmark.every_steps", "allowed: null or >= 1")
+    _require(b.max_questions >= 1, "train.benchmark.max_questions", f"{b.max_questions}; allowed: >= 1")
+    _require(b.max_new_tokens >= 1, "train.benchmark.max_new_tokens", f"{b.max_new_tokens}; allowed: >= 1")
     _require(s.workers >= 1, "scaling.workers", f"{s.workers}; allowed: >= 1")
     _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "allowed: >= 0")
     _require(s.max_failures >= -1, "scaling.max_failures", "allowed: -1 (forever) or >= 0")

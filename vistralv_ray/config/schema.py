@@ -21,6 +21,16 @@ SIGLIP_TOWER = "google/siglip-base-patch16-256-multilingual"
 # model.init_projector_from: a finetune that starts from a freshly initialised projector, said explicitly.
 RANDOM_PROJECTOR = "random"
 
+# Input size limits (docs/RELIABILITY.md says why these values). A 256 px model sees 65,536 pixels of
+# any image; 25 Mpx passes a 24 Mpx (6000x4000) camera frame whole and bounds one decode to ~75 MB of
+# RGB, where PIL's own 89 Mpx would let a single record take ~270 MB per decoding actor.
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+# Characters: ~8k tokens a message and ~32k a record, far above any max_length (the token check that
+# decides), and far above the longest LLaVA / Vista turns (a few thousand characters); they bound the
+# work and memory one record can cost before it is tokenized.
+DEFAULT_MAX_MESSAGE_CHARS = 32_768
+DEFAULT_MAX_RECORD_CHARS = 131_072
+
 
 @dataclass
 class LoraSettings:
@@ -74,8 +84,8 @@ class DataConfig:
     # and more raw rows held per preprocessing actor (row groups x 64 x the mean encoded image size).
     shuffle_row_groups: int = 16
     shuffle_buffer: int = 256
-    # Images above this many pixels are rejected as decompression bombs.
-    max_image_pixels: int = 89_478_485
+    # Images above this many pixels are rejected (too_many_pixels); above PIL's 89 Mpx, decompression_bomb.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     preprocess_actors: int = 1
     preprocess_cpus_per_actor: float = 1.0
     # Custom resources the preprocessing actors ask for (e.g. {"cpu_node": 0.01} to keep them off GPU nodes).
@@ -89,6 +99,27 @@ class DataConfig:
     # Ray Data's own progress bars (progress log lines when not on a terminal); the training loop
     # reports steps, throughput and data wait itself, so they are off unless asked for.
     progress_bars: bool = False
+    # A record with a longer message (characters), or longer messages in all, is rejected (text_too_long).
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
+
+
+# What `train.benchmark.name` may be: the benchmarks of `vistralv-ray eval --benchmark` that read a
+# published layout (evaluation/benchmarks.py; a unit test keeps the two lists equal).
+TrainBenchmarkName = Literal["vivqa", "openvivqa", "evjvqa", "viocrvqa", "vitextvqa", "mtvqa", "uit-viic", "ktvic"]
+
+
+@dataclass
+class TrainBenchmark:
+    """A benchmark subset the training run answers greedily every few steps (off while `name` is null)."""
+
+    name: TrainBenchmarkName | None = None
+    data: str | None = None  # the benchmark's file, in its published layout (local; read by the driver)
+    images: str | None = None  # its image folder (default: the data file's folder, then its images/)
+    # Every this many steps, and at the last step; null: at the last step only.
+    every_steps: int | None = None
+    max_questions: int = 64  # the first questions of the file (those with an image)
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -124,6 +155,7 @@ class TrainConfig:
     eval_every: int | None = None
     log_every: int = 10
     seed: int = 42
+    benchmark: TrainBenchmark = field(default_factory=TrainBenchmark)
 
 
 @dataclass

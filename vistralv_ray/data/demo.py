@@ -209,3 +209,38 @@ def vietnamese_corpus(seed: int = 0, n: int = 3000) -> list[str]:
         sentences.append(scene.caption())
         sentences += [f"{q} {a}" for q, a in scene.qa_pairs(rng)]
     return sentences
+
+
+def held_out_benchmark_files(eval_json: str | Path, images: str | Path, out: str | Path) -> dict[str, Path]:
+    """The demo's held-out questions (OUT/eval.json of `make_demo_corpus`) in two published benchmark
+    layouts, for `vistralv-ray eval --benchmark`: OUT/openvivqa.json (VLSP JSON, its images named from
+    `images`: pass `--images` that folder) and OUT/mtvqa.parquet (MTVQA's rows, images embedded, lang
+    "vi"). Every human turn with the answer after it is one question, in the record's order, its answer
+    the reference as the demo wrote it; in MTVQA's file without the closing full stop, as MTVQA's own
+    answers are (its scorer removes every "." from the prediction only: such a reference never matches)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vlsp: dict = {"images": {}, "annotations": {}}
+    rows = []
+    for k, record in enumerate(records):
+        turns = record["conversations"]
+        pairs = [
+            {"question": q["value"].replace("<image>", "").strip(), "answer": a["value"].strip()}
+            for q, a in zip(turns[::2], turns[1::2], strict=True)
+        ]
+        vlsp["images"][str(k)] = record["image"]
+        for j, pair in enumerate(pairs):
+            vlsp["annotations"][f"{record['id']}-{j}"] = {"image_id": k, **pair}
+        image = (Path(images) / record["image"]).read_bytes()
+        qa = json.dumps([{**pair, "answer": pair["answer"].rstrip(".")} for pair in pairs], ensure_ascii=False)
+        rows.append(
+            {"id": record["id"], "lang": "vi", "image": {"bytes": image, "path": record["image"]}, "qa_pairs": qa}
+        )
+    paths = {"openvivqa": out / "openvivqa.json", "mtvqa": out / "mtvqa.parquet"}
+    paths["openvivqa"].write_text(json.dumps(vlsp, ensure_ascii=False, indent=1), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), paths["mtvqa"])
+    return paths

@@ -8,6 +8,8 @@ broke that by more than 2 levels of 255 on photos, so neither is used: libjpeg's
 at 1/2-1/8 scale (4-29 levels) and torch's uint8 bicubic kernel (1-2 levels, up to 25 on tall
 images). What is left to save is resizing padding: see `resize_padded`. Mean, std and pad colour come
 from the vision tower's own image processor config (`pixel_stats`), in training and export alike.
+`prepare --store-pixels` does all this once and stores the result (`StoredPixels`): a square image at
+the target size passes through unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from vistralv_ray.config.schema import DEFAULT_MAX_IMAGE_PIXELS
 from vistralv_ray.errors import RecordError
 
 # SigLIP's mean is 0.5: padding with grey 127 is LLaVA's `expand2square` with the image mean. The
 # default where no tower is at hand (the benchmark's reference); training uses `pixel_stats(...).fill`.
 PAD_LEVEL = 127
 PAD_FILL = (PAD_LEVEL,) * 3
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # 25 Mpx; PIL's own bomb threshold is 89 Mpx
 ORIENTATION = 0x0112  # the EXIF tag
 KEEP_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a camera JPEG with extra frames, decoded as a JPEG
 # The exported processor's filter (LlavaImageProcessor, resample=3); PIL's, as torch's uint8 kernel
@@ -71,6 +74,67 @@ def pixel_stats(vision_tower: str) -> PixelStats:
     return PixelStats(three(tower.image_mean, "image_mean"), three(tower.image_std, "image_std"))
 
 
+# `prepare --store-pixels` stores raw RGB in a PPM (P6) container: decoding it is a copy (0.18 ms at
+# 256 px, where PNG at compress level 1 took 1.4 ms and lossless WebP 1.4 ms: zlib's inflate and the
+# row filters), and the shard's zstd does the compressing (photo-like 256 px images: 192 KB raw, ~90
+# KB in the shard, against ~59 KB as PNG; reading them back costs ~0.2 ms more). PIL opens it as any image.
+STORED_FORMAT = "PPM"
+STORED_RESAMPLE = "bicubic"  # BICUBIC's name in a manifest: the only filter training decodes with
+
+
+@dataclass(frozen=True)
+class StoredPixels:
+    """Images as the model sees them, made once by `prepare --store-pixels`: `decode_to_pixels` on the
+    original, stored losslessly. An image already square at the model's size is the identity under
+    both `pad` and `resize`, so training decodes it to the very same pixels without resizing again.
+    A manifest's `pixels` holds these fields; `fill` counts only for `pad`."""
+
+    size: int
+    aspect: str
+    fill: tuple[int, int, int]
+    resample: str = STORED_RESAMPLE
+    format: str = STORED_FORMAT
+
+    def store(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+        """Original image bytes -> the model's pixels, encoded (a bad image is a RecordError, as in training)."""
+        out = io.BytesIO()
+        Image.fromarray(decode_to_pixels(data, self.size, self.aspect, max_pixels, self.fill)).save(out, self.format)
+        return out.getvalue()
+
+    def to_manifest(self) -> dict:
+        return {
+            "size": self.size,
+            "aspect": self.aspect,
+            "fill": list(self.fill),
+            "resample": self.resample,
+            "format": self.format,
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> StoredPixels:
+        return cls(
+            int(entry["size"]),
+            str(entry["aspect"]),
+            tuple(int(v) for v in entry["fill"]),
+            str(entry.get("resample", STORED_RESAMPLE)),
+            str(entry.get("format", STORED_FORMAT)),
+        )
+
+    def differences(self, model: StoredPixels) -> list[str]:
+        """The fields (manifest names) in which these stored pixels are not what `model` decodes to."""
+        fields = ["size", "aspect", "resample"] + (["fill"] if model.aspect == "pad" else [])
+        return [name for name in fields if getattr(self, name) != getattr(model, name)]
+
+
+def pixels_for_model(model_cfg) -> StoredPixels:
+    """What training decodes images to for a `ModelConfig`: `model.image_size` (unset: the vision
+    tower's), `model.aspect`, and the tower's image mean as the pad colour."""
+    from vistralv_ray.text.encoder import load_vision_config
+
+    size = model_cfg.image_size or load_vision_config(model_cfg.vision_tower).image_size
+    return StoredPixels(int(size), model_cfg.aspect, pixel_stats(model_cfg.vision_tower).fill)
+
+
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open image bytes lazily, rejecting unreadable data and decompression bombs before decoding."""
     try:
@@ -83,7 +147,7 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise RecordError("unreadable_image", f"cannot open image: {e}") from e
     width, height = img.size
     if width * height > max_pixels:
-        raise RecordError("decompression_bomb", f"{width}x{height} = {width * height:,} pixels > {max_pixels:,}")
+        raise RecordError("too_many_pixels", f"{width}x{height} = {width * height:,} pixels > {max_pixels:,}")
     if width == 0 or height == 0:
         raise RecordError("unreadable_image", f"empty image {width}x{height}")
     return img

@@ -65,7 +65,7 @@ def shard_dataset(units: list[dict], cfg: Config, shuffle: bool):
     return ds
 
 
-def preprocess(ds, cfg: Config, shuffle: bool, skip_keys_uri: str | None = None):
+def preprocess(ds, cfg: Config, shuffle: bool, skip_keys_uri: str | None = None, placement_uri: str | None = None):
     import ray.data
 
     from vistralv_ray.data.preprocess import ShardPreprocessor
@@ -78,6 +78,8 @@ def preprocess(ds, cfg: Config, shuffle: bool, skip_keys_uri: str | None = None)
             "rows_per_call": cfg.data.map_batch_size,
             "skip_keys_uri": skip_keys_uri,
             "shuffle_seed": cfg.train.seed if shuffle else None,
+            "placement_uri": placement_uri,
+            "text_limits": (cfg.data.max_message_chars, cfg.data.max_record_chars),
         },
         batch_size=cfg.data.shuffle_row_groups if shuffle else 1,  # row groups per call, interleaved
         batch_format="numpy",
@@ -87,7 +89,9 @@ def preprocess(ds, cfg: Config, shuffle: bool, skip_keys_uri: str | None = None)
     )
 
 
-def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dict, dict[str, int]]:
+def build_datasets(
+    cfg: Config, resume_skip_uri: str | None = None, placement_uri: str | None = None
+) -> tuple[dict, dict[str, int]]:
     """The Ray datasets for `TorchTrainer(datasets=...)` and their record counts.
 
     With `resume_skip_uri`, a third dataset, `train_resume`, is the training data without the
@@ -95,7 +99,8 @@ def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dic
     checkpoint, read by the preprocessing actors when the dataset starts). Filtering before Ray
     Train splits the data keeps the rest of a resumed epoch evenly spread over the workers. Ray
     Train creates a dataset's split only when a worker asks for it, so a run that does not resume
-    never executes it.
+    never executes it. With `placement_uri`, every preprocessing actor records its node there
+    (`placement.record_node`).
     """
     datasets, counts = {}, {}
     for name, uris, shuffle in (("train", cfg.data.train, cfg.data.shuffle), ("eval", cfg.data.eval, False)):
@@ -103,9 +108,11 @@ def build_datasets(cfg: Config, resume_skip_uri: str | None = None) -> tuple[dic
             continue
         units = row_group_units(shard_files(uris))
         counts[name] = sum(u["rows"] for u in units)
-        datasets[name] = _configure(preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle), cfg)
+        datasets[name] = _configure(
+            preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle, placement_uri=placement_uri), cfg
+        )
         if name == "train" and resume_skip_uri:
-            resumed = preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle, resume_skip_uri)
+            resumed = preprocess(shard_dataset(units, cfg, shuffle), cfg, shuffle, resume_skip_uri, placement_uri)
             datasets["train_resume"] = _configure(resumed, cfg)
     if "train" not in datasets:
         raise FileNotFoundError("data.train: no training shards given")

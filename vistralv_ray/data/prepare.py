@@ -12,21 +12,23 @@ wrote. A record never crashes the run: whatever is wrong with it is a rejection 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import posixpath
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vistralv_ray.config.schema import ModelConfig
+from vistralv_ray.config.schema import DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_RECORD_CHARS, ModelConfig
 from vistralv_ray.data import storage
-from vistralv_ray.data.images import DEFAULT_MAX_PIXELS, normalise_encoding, verify_image
+from vistralv_ray.data.images import DEFAULT_MAX_PIXELS, StoredPixels, normalise_encoding, verify_image
 from vistralv_ray.data.layouts import get_layout
 from vistralv_ray.data.sources import SourceReader
 from vistralv_ray.errors import RecordError, StorageError
@@ -84,6 +86,12 @@ class PrepareOptions:
     # Stop (and remove the output) once more than this fraction of records is rejected. None: never
     # (library callers with deliberately messy corpora); the command line sets 0.5 unless told.
     max_rejected_fraction: float | None = None
+    # `--store-pixels`: each image stored as the model sees it (`decode_to_pixels` once, here, instead
+    # of every epoch); None keeps the original bytes.
+    pixels: StoredPixels | None = None
+    # A record with a longer message (characters), or longer messages in all, is text_too_long.
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
 
 
 @dataclass
@@ -152,7 +160,7 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
             raise RecordError(record.get("reason", "malformed_record"), record["error"])
         _check_text(rid, "id")
         name = record.get("image")
-        messages = normalize_messages(record["turns"], has_image=name is not None)
+        messages = normalize_messages(record["turns"], name is not None, opts.max_message_chars, opts.max_record_chars)
         for i, message in enumerate(messages):
             _check_text(message["content"], f"turn {i}")
         image = None
@@ -166,8 +174,11 @@ def validate_record(record: dict, opts: PrepareOptions, encoder=None) -> dict:
                     )
             else:
                 data = read_image(opts.image_root, name, opts.max_image_bytes)
-            fmt, _, _ = verify_image(data, opts.max_pixels)
-            image = normalise_encoding(data, fmt)
+            if opts.pixels is not None:  # a full decode, which checks the image as verify_image does
+                image = opts.pixels.store(data, opts.max_pixels)
+            else:
+                fmt, _, _ = verify_image(data, opts.max_pixels)
+                image = normalise_encoding(data, fmt)
         if encoder is not None:
             encoder.encode(messages)
         return {"id": rid, "image": image, "image_name": name, "messages": messages}
@@ -205,6 +216,12 @@ def build_shard(records: list[dict], index: int, opts: PrepareOptions) -> ShardR
     pq.write_table(table, buf, compression="zstd", row_group_size=SHARD_ROW_GROUP_ROWS)
     storage.write_bytes(storage.join(opts.out, name), buf.getvalue())
     return ShardResult(name, len(rows), rejected, with_image)
+
+
+def _counted(records, ids: Counter) -> Iterator[dict]:
+    for record in records:
+        ids[str(record.get("id"))] += 1
+        yield record
 
 
 def _chunks(records, size):
@@ -248,17 +265,21 @@ def _prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None
     started = time.time()
     layout = get_layout(opts.fmt, opts.subset, opts.image_pattern, opts.image_column, opts.conversation_column)
     reader = SourceReader(input_path, opts.fmt, layout)
-    chunks = list(_chunks(reader, opts.shard_size))
-    records_in = sum(len(c) for c in chunks)
+    # Streamed: the input is read as shards are built, and only the shards being built are held.
+    ids: Counter = Counter()  # of every record read: records_in, and the duplicate ids
+    chunks = _chunks(_counted(reader, ids), opts.shard_size)
+    head = list(itertools.islice(chunks, 2))
     if parallel is None:
-        parallel = len(chunks) > 1
+        parallel = len(head) > 1
     if parallel:
-        results = _run_parallel(chunks, opts, progress)
+        results = _run_parallel(itertools.chain(head, chunks), opts, progress)
     else:
         results = []
-        for i, chunk in enumerate(chunks):
+        for i, chunk in enumerate(itertools.chain(head, chunks)):
             results.append(build_shard(chunk, i, opts))
-            _check_rejections(results, records_in, opts)
+            _check_rejections(results, None, opts)
+    records_in = ids.total()
+    _check_rejections(results, records_in, opts)  # a corpus of fewer records than it takes to judge earlier
     rejected = [r for res in results for r in res.rejected]
     shards = [{"name": r.name, "records": r.records} for r in results if r.name]
     records_out = sum(s["records"] for s in shards)
@@ -277,10 +298,15 @@ def _prepare(input_path: str | Path, opts: PrepareOptions, parallel: bool | None
         "records_with_image": with_image,
         "records_text_only": records_out - with_image,
         "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "duplicate_ids": _duplicate_ids(chunks),
+        "duplicate_ids": _duplicate_ids(ids),
         "shards": shards,
         "max_image_pixels": opts.max_pixels,
+        "max_message_chars": opts.max_message_chars,
+        "max_record_chars": opts.max_record_chars,
         "max_length_checked": opts.model.max_length if opts.model else None,
+        # Images as the model sees them (`--store-pixels`), or null: the original bytes. Training
+        # refuses stored pixels of another size, aspect or pad colour than its model's (preflight).
+        "pixels": opts.pixels.to_manifest() if opts.pixels else None,
         "seconds": round(time.time() - started, 2),
     }
     manifest["warnings"] = _warnings(manifest)
@@ -303,13 +329,15 @@ def _json_line(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
 
 
-def _check_rejections(results: list[ShardResult], records_in: int, opts: PrepareOptions) -> None:
-    """TooManyRejections once the rejected fraction of the records done so far passes the limit."""
+def _check_rejections(results: list[ShardResult], records_in: int | None, opts: PrepareOptions) -> None:
+    """TooManyRejections once the rejected fraction of the records done so far passes the limit
+    (`records_in`: all the input's records, once they are all read)."""
     if opts.max_rejected_fraction is None:
         return
     done = sum(r.records + len(r.rejected) for r in results)
     rejected = [x for r in results for x in r.rejected]
-    if done < min(records_in, MIN_RECORDS_BEFORE_STOPPING) or len(rejected) <= opts.max_rejected_fraction * done:
+    judged_at = MIN_RECORDS_BEFORE_STOPPING if records_in is None else min(records_in, MIN_RECORDS_BEFORE_STOPPING)
+    if done < judged_at or len(rejected) <= opts.max_rejected_fraction * done:
         return
     reasons = ", ".join(f"{k}: {n}" for k, n in Counter(x["reason"] for x in rejected).most_common(3))
     raise TooManyRejections(
@@ -336,10 +364,9 @@ def _warnings(manifest: dict) -> list[str]:
     return warnings
 
 
-def _duplicate_ids(chunks: list[list[dict]]) -> dict:
+def _duplicate_ids(counts: Counter) -> dict:
     """Ids that several input records share (LLaVA's finetune JSON: one image, several conversations).
     Not an error: training keys its records by shard row, so each is still trained once an epoch."""
-    counts = Counter(str(r.get("id")) for chunk in chunks for r in chunk)
     repeated = {rid: n for rid, n in counts.items() if n > 1}
     return {
         "ids": len(repeated),
@@ -348,18 +375,26 @@ def _duplicate_ids(chunks: list[list[dict]]) -> dict:
     }
 
 
-def _run_parallel(chunks: list[list[dict]], opts: PrepareOptions, progress: bool) -> list[ShardResult]:
+def _run_parallel(chunks: Iterator[list[dict]], opts: PrepareOptions, progress: bool) -> list[ShardResult]:
+    """One Ray task per chunk, submitted as the input is read: at most two per CPU in flight."""
     import ray
     from tqdm import tqdm
 
     init_ray(what="prepare", include_dashboard=False)
     task = ray.remote(num_cpus=1)(build_shard)
-    pending = {task.remote(chunk, i, opts): i for i, chunk in enumerate(chunks)}
+    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict = {}
+    sizes: dict[int, int] = {}
     results: dict[int, ShardResult] = {}
-    records_in = sum(len(c) for c in chunks)
-    with tqdm(total=records_in, unit="rec", desc="prepare", disable=not progress) as bar:
+    numbered = enumerate(chunks)
+    with tqdm(unit="rec", desc="prepare", disable=not progress) as bar:
         try:
-            while pending:
+            while True:
+                for i, chunk in itertools.islice(numbered, in_flight - len(pending)):
+                    pending[task.remote(chunk, i, opts)] = i
+                    sizes[i] = len(chunk)
+                if not pending:
+                    break
                 done, _ = ray.wait(list(pending), num_returns=1)
                 index = pending.pop(done[0])
                 try:
@@ -367,15 +402,15 @@ def _run_parallel(chunks: list[list[dict]], opts: PrepareOptions, progress: bool
                 except ray.exceptions.RayTaskError as e:
                     known = (RecordError, StorageError)
                     raise (e.cause if isinstance(e.cause, known) else e) from None
-                bar.update(len(chunks[index]))
-                _check_rejections(list(results.values()), records_in, opts)
+                bar.update(sizes[index])
+                _check_rejections(list(results.values()), None, opts)
         except BaseException:
             # The caller removes the output: no task may still be writing into it by then.
             for ref in pending:
                 ray.cancel(ref)
             ray.wait(list(pending), num_returns=len(pending), timeout=60)
             raise
-    return [results[i] for i in range(len(chunks))]
+    return [results[i] for i in range(len(results))]
 
 
 def _remove_outputs(out: str, created: bool) -> None:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from vistralv_ray.config.schema import ModelConfig
-from vistralv_ray.data.images import decode_to_pixels, pixel_stats
+from vistralv_ray.config.schema import DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_RECORD_CHARS, ModelConfig
+from vistralv_ray.data.images import decode_to_pixels, pixels_for_model
 from vistralv_ray.data.packing import TrainBatch, layout_batch
 from vistralv_ray.data.shards import interleaved_rows, read_row_group, record_key, row_group_units
 from vistralv_ray.errors import RecordError
@@ -25,15 +25,24 @@ from vistralv_ray.text.conversation import normalize_messages
 class Preprocessor:
     """Ray Data `map_batches` callable: shard rows -> input_ids, labels, uint8 pixels, reason."""
 
-    def __init__(self, model_cfg: dict, max_pixels: int, skip_keys_uri: str | None = None):
+    def __init__(
+        self,
+        model_cfg: dict,
+        max_pixels: int,
+        skip_keys_uri: str | None = None,
+        text_limits: tuple[int, int] = (DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_RECORD_CHARS),
+    ):
         from vistralv_ray.config.loader import _build
-        from vistralv_ray.text.encoder import build_encoder, load_vision_config
+        from vistralv_ray.text.encoder import build_encoder
 
         self.model_cfg: ModelConfig = _build(ModelConfig, model_cfg, "model")
         self.encoder = build_encoder(self.model_cfg)  # once per actor: loading a tokenizer is slow
-        self.size = self.model_cfg.image_size or load_vision_config(self.model_cfg.vision_tower).image_size
-        self.pad_fill = pixel_stats(self.model_cfg.vision_tower).fill  # the image mean, as the export pads
+        # Pad colour: the image mean, as the export pads. Shards of `prepare --store-pixels` hold images
+        # already at this size, square: decoded, they pass through unchanged (preflight checks the size).
+        pixels = pixels_for_model(self.model_cfg)
+        self.size, self.pad_fill = pixels.size, pixels.fill
         self.max_pixels = max_pixels
+        self.text_limits = text_limits  # data.max_message_chars, data.max_record_chars
         # Records already trained on in a resumed epoch: left out here, before any decoding.
         self.skip_keys = load_keys(skip_keys_uri) if skip_keys_uri else frozenset()
 
@@ -47,7 +56,8 @@ class Preprocessor:
         for i in keep:
             image = batch["image"][i]
             try:
-                messages = normalize_messages([dict(m) for m in batch["messages"][i]], has_image=image is not None)
+                turns = [dict(m) for m in batch["messages"][i]]
+                messages = normalize_messages(turns, image is not None, *self.text_limits)
                 encoded = self.encoder.encode(messages)
                 pixels = (
                     blank
@@ -96,10 +106,16 @@ class ShardPreprocessor:
         rows_per_call: int,
         skip_keys_uri: str | None = None,
         shuffle_seed: int | None = None,
+        placement_uri: str | None = None,
+        text_limits: tuple[int, int] = (DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_RECORD_CHARS),
     ):
-        self.preprocessor = Preprocessor(model_cfg, max_pixels, skip_keys_uri)
+        self.preprocessor = Preprocessor(model_cfg, max_pixels, skip_keys_uri, text_limits)
         self.rows_per_call = rows_per_call
         self.shuffle_seed = shuffle_seed
+        if placement_uri:  # the node this actor runs on, once (`placement`)
+            from vistralv_ray.data.placement import record_node
+
+            record_node(placement_uri, "preprocess")
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if "row_group" not in batch:  # whole shards, in order, one row group at a time

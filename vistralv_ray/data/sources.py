@@ -11,6 +11,7 @@ with an `error` (and a `reason`, `malformed_record` unless said) that `prepare` 
 
 from __future__ import annotations
 
+import codecs
 import json
 import posixpath
 import re
@@ -31,6 +32,8 @@ from vistralv_ray.text.templates import IMAGE_TOKEN
 __all__ = ["FORMATS", "SourceError", "SourceReader", "list_parts", "read_records"]
 
 PART_SUFFIXES = (".parquet", ".json", ".jsonl", ".ndjson")
+PARQUET_BATCH_ROWS = 256
+_ITEM_END = re.compile(r"[ \t\n\r]*[,\]]")  # what follows an array item
 # HF dataset folders name parts `<split>-00000-of-00002.parquet`; one directory may hold several splits.
 _SPLIT_PREFIX = re.compile(r"^(train|validation|valid|val|test|dev)(?=[-_.])", re.IGNORECASE)
 
@@ -61,42 +64,129 @@ def list_parts(input_path: str | Path) -> list[str]:
     return parts
 
 
+def _open_binary(uri: str):
+    """A binary stream of a local file or an S3 object, read as it is consumed."""
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem_for(uri)
+        return fs.open_input_stream(path)
+    return Path(uri).open("rb")
+
+
 def _rows(uri: str) -> Iterator[object]:
-    """Rows of a JSON array, a JSON lines file or a Parquet file, local or on S3. A file that cannot
+    """Rows of a JSON array, a JSON lines file or a Parquet file, local or on S3, streamed: a row is
+    yielded as soon as it is read, and only the rows not yet consumed are held. A file that cannot
     be read as a whole (not JSON, not an array, not Parquet) is a SourceError, one line."""
     suffix = posixpath.splitext(uri)[1].lower()
     if suffix == ".parquet":
         fs, path = storage.filesystem_for(uri)
         try:
             with fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                # Small batches: rows may embed their image bytes.
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS):
                     yield from batch.to_pylist()
         except pa.ArrowException as e:
             raise SourceError(f"{uri}: not a readable Parquet file: {e}") from None
         return
-    if suffix in (".jsonl", ".ndjson"):
-        if storage.is_s3(uri):
-            # Split on b"\n" only: str.splitlines would also cut a line at a U+2028 inside a JSON string.
-            yield from _json_lines(storage.read_bytes(uri).split(b"\n"))
+    with _open_binary(uri) as f:
+        if suffix in (".jsonl", ".ndjson"):
+            yield from _json_lines(_binary_lines(f))
         else:
-            with Path(uri).open("rb") as f:
-                yield from _json_lines(f)
-        return
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is skipped, not a parse error.
-        data = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{uri}: not UTF-8 text (byte {e.start}); JSON input must be UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{uri}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise SourceError(f"{uri}: JSON nested too deeply to read") from None
-    if not isinstance(data, list):
+            yield from json_array_items(f, uri)
+
+
+def _binary_lines(f, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """Lines split on b"\\n" only (str.splitlines would also cut a line at a U+2028 inside a JSON string)."""
+    rest = b""
+    while chunk := f.read(chunk_bytes):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def json_array_items(f, uri: str, chunk_chars: int = 1 << 20) -> Iterator[object]:
+    """The items of the JSON array in binary stream `f`, decoded one by one as the text arrives
+    (`json.JSONDecoder.raw_decode` on a growing window): memory holds one item and one chunk, not
+    the file. SourceError (one line) for text that is not UTF-8, not JSON or not an array."""
+    text = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is skipped
+    decoder = json.JSONDecoder()
+    buf, pos, offset, eof, read = "", 0, 0, False, 0  # offset: characters dropped before buf
+
+    def more(want: int = chunk_chars) -> bool:
+        nonlocal buf, pos, offset, eof, read
+        if eof:
+            return False
+        data = f.read(want)
+        try:
+            piece = text.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            where = read - len(text.getstate()[0]) + e.start
+            raise SourceError(f"{uri}: not UTF-8 text (byte {where}); JSON input must be UTF-8") from None
+        read += len(data)
+        eof = not data
+        offset, buf, pos = offset + pos, buf[pos:] + piece, 0
+        return True
+
+    def skip_space() -> bool:
+        """Past whitespace to the next character; False at the end of the file."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\n\r":
+                pos += 1
+            if pos < len(buf) or not more():
+                return pos < len(buf)
+
+    def not_json(what: str) -> SourceError:
+        return SourceError(f"{uri}: not JSON ({what} at character {offset + pos})")
+
+    if not skip_space():
+        raise not_json("an empty file")
+    if buf[pos] != "[":
+        while more():
+            pass
+        try:
+            found = type(json.loads(buf[pos:])).__name__
+        except RecursionError:
+            raise SourceError(f"{uri}: JSON nested too deeply to read") from None
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{uri}: not JSON ({e.msg} at character {offset + pos + e.pos})") from None
         raise SourceError(
-            f"{uri}: expected a JSON array of records (LLaVA format), found a {type(data).__name__}; "
+            f"{uri}: expected a JSON array of records (LLaVA format), found a {found}; "
             "JSON lines (one record a line) need the .jsonl suffix"
         )
-    yield from data
+    pos += 1
+    first = True
+    while True:
+        if not skip_space():
+            raise not_json("the file ends inside the array")
+        if buf[pos] == "]":
+            pos += 1
+            if skip_space():
+                raise not_json("extra data after the array")
+            return
+        if not first:
+            if buf[pos] != ",":
+                raise not_json("expected ',' or ']'")
+            pos += 1
+            if not skip_space():
+                raise not_json("the file ends inside the array")
+        while True:
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+            except RecursionError:
+                raise SourceError(f"{uri}: JSON nested too deeply to read") from None
+            except json.JSONDecodeError as e:
+                # The item goes on in the next chunk: read as much again as is held, so that an item
+                # longer than a chunk is decoded a few times, not once per chunk.
+                if more(max(chunk_chars, len(buf) - pos)):
+                    continue
+                raise SourceError(f"{uri}: not JSON ({e.msg} at character {offset + e.pos})") from None
+            if not _ITEM_END.match(buf, end) and more():
+                continue  # a number at the chunk's end ("1.5e") may go on in the next one
+            break
+        pos, first = end, False
+        yield item
 
 
 def _json_lines(lines) -> Iterator[object]:

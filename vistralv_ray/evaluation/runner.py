@@ -24,7 +24,7 @@ from vistralv_ray.errors import RecordError
 from vistralv_ray.evaluation.benchmarks import Benchmark, clean_answer, get_benchmark
 from vistralv_ray.evaluation.bootstrap import DEFAULT_RESAMPLES, bootstrap_interval
 from vistralv_ray.evaluation.formats import Item
-from vistralv_ray.inference.evaluate import BLANK_COLOUR, EvalPredictor
+from vistralv_ray.inference.evaluate import BLANK_COLOUR, EvalPredictor, progress_bar
 from vistralv_ray.logging import get_logger
 from vistralv_ray.ray_runtime import init_ray
 
@@ -154,8 +154,10 @@ def run_benchmark(
     max_new_tokens: int = 32,
     limit: int | None = None,
     resamples: int = DEFAULT_RESAMPLES,
+    progress: bool | None = None,
 ) -> dict:
-    """Answer and score a benchmark; writes OUT/predictions.jsonl, OUT/metrics.json, returns the metrics."""
+    """Answer and score a benchmark; writes OUT/predictions.jsonl, OUT/metrics.json, returns the metrics.
+    `progress`: the questions-done bar (None: where stderr is a terminal)."""
     started = time.time()
     bench = get_benchmark(benchmark)
     chat_template = resolve_chat_template(model_dir, template)
@@ -187,9 +189,21 @@ def run_benchmark(
     rejected = dict(loaded.rejected)
     todo = [item for item in items if item.id not in done]
     if todo:
-        rows = _predict(
-            model_dir, bench, todo, out, chat_template, blank_images, actors, cpus_per_actor, batch_size, max_new_tokens
-        )
+        # Questions done / total, counting those a resumed run answered before.
+        with progress_bar(len(items), len(items) - len(todo), f"eval {benchmark}", enabled=progress) as bar:
+            rows = _predict(
+                model_dir,
+                bench,
+                todo,
+                out,
+                chat_template,
+                blank_images,
+                actors,
+                cpus_per_actor,
+                batch_size,
+                max_new_tokens,
+                on_answer=bar.update,
+            )
         for row in rows:
             if row.get("reject_reason"):
                 rejected[row["reject_reason"]] = rejected.get(row["reject_reason"], 0) + 1
@@ -223,9 +237,20 @@ def _complete(row: dict, blank_images: bool) -> bool:
 
 
 def _predict(
-    model_dir, bench, items, out, chat_template, blank_images, actors, cpus_per_actor, batch_size, max_new_tokens
+    model_dir,
+    bench,
+    items,
+    out,
+    chat_template,
+    blank_images,
+    actors,
+    cpus_per_actor,
+    batch_size,
+    max_new_tokens,
+    on_answer=lambda n: None,
 ) -> list[dict]:
-    """Ask `items` with Ray Data; each answered row is appended to predictions.jsonl as it arrives."""
+    """Ask `items` with Ray Data; each answered row is appended to predictions.jsonl as it arrives
+    (and counted with `on_answer(1)`)."""
     import math
 
     import ray
@@ -259,6 +284,7 @@ def _predict(
         for row in answers.iter_rows():
             row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
             rows.append(row)
+            on_answer(1)
             if row["reject_reason"]:
                 continue
             item = by_id[row["id"]]

@@ -31,6 +31,17 @@ SHORT_ANSWER_WORDS = 6  # answers up to this long count towards accuracy
 BLANK_COLOUR = (255, 255, 255)
 
 
+def progress_bar(total: int, done: int = 0, desc: str = "eval", unit: str = "question", enabled: bool | None = None):
+    """Done / total on stderr as answers arrive, like training's bar: drawn where stderr is a terminal
+    unless `enabled` says otherwise (`--progress` / `--no-progress`); job logs get the log lines."""
+    import sys
+
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, file=sys.stderr, disable=not show, dynamic_ncols=True)
+
+
 def is_shards(path: str) -> bool:
     from vistralv_ray.data import storage
 
@@ -238,8 +249,10 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     limit: int | None = None,
+    progress: bool | None = None,
 ) -> dict:
-    """Run the model over `data`; writes OUT/predictions.jsonl and OUT/metrics.json, returns the metrics."""
+    """Run the model over `data`; writes OUT/predictions.jsonl and OUT/metrics.json, returns the metrics.
+    `progress`: the records-done bar (None: where stderr is a terminal)."""
     import ray
 
     started = time.time()
@@ -265,7 +278,15 @@ def evaluate(
         num_gpus=1 if gpus >= 1 else 0,
         num_cpus=cpus,
     )
-    rows = sorted(predictions.iter_rows(), key=lambda r: (r["id"], r["turn"]))
+    rows, seen = [], set()
+    # A record's questions come out of one actor call together: the bar counts records done.
+    with progress_bar(n_records, desc="eval", unit="record", enabled=progress) as bar:
+        for row in predictions.iter_rows():
+            rows.append(row)
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                bar.update(1)
+    rows.sort(key=lambda r: (r["id"], r["turn"]))
     metrics = summarize(rows, rejected)
     metrics.update(
         {

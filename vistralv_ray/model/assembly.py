@@ -15,13 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionModel
 
 from vistralv_ray.config.schema import RANDOM_PROJECTOR, LoraSettings, ModelConfig
+from vistralv_ray.data.runs import PROJECTOR_FILE
 from vistralv_ray.logging import get_logger
 from vistralv_ray.text.encoder import build_tokenizer, image_seq_length
 from vistralv_ray.text.templates import IMAGE_TOKEN
 
 log = get_logger(__name__)
-
-PROJECTOR_FILE = "projector.safetensors"
 
 
 @dataclass
@@ -146,9 +145,9 @@ def save_projector(model: torch.nn.Module, path: str | Path, state: dict[str, to
 
 def resolve_projector_uri(source: str, storage_root: str | None = None) -> str:
     """The projector file of `source`: a projector file, a checkpoint, a run directory (its newest
-    checkpoint), local or s3://, or the name of a run under `storage_root`."""
+    complete checkpoint), local or s3://, or the name of a run under `storage_root`."""
     from vistralv_ray.data import storage
-    from vistralv_ray.data.runs import latest_checkpoint_uri
+    from vistralv_ray.data.runs import COMPLETE_FILE, STATE_FILE, IncompleteCheckpointError, latest_checkpoint_uri
 
     source = str(source)
     if not storage.is_s3(source):
@@ -165,10 +164,13 @@ def resolve_projector_uri(source: str, storage_root: str | None = None) -> str:
             source = str(local.resolve())
     if source.endswith(".safetensors"):
         return source
-    if storage.exists(storage.join(source, PROJECTOR_FILE)):
-        return storage.join(source, PROJECTOR_FILE)
+    is_checkpoint = any(storage.exists(storage.join(source, f)) for f in (STATE_FILE, COMPLETE_FILE))
+    if not is_checkpoint and storage.exists(storage.join(source, PROJECTOR_FILE)):
+        return storage.join(source, PROJECTOR_FILE)  # a folder holding a projector file
     try:
         checkpoint = latest_checkpoint_uri(source)
+    except IncompleteCheckpointError:
+        raise
     except FileNotFoundError as e:
         raise FileNotFoundError(f"model.init_projector_from: no {PROJECTOR_FILE} at or under {source}") from e
     return storage.join(checkpoint, PROJECTOR_FILE)

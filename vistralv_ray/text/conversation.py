@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from vistralv_ray.config.schema import DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_RECORD_CHARS
 from vistralv_ray.errors import RecordError
 from vistralv_ray.text.templates import IMAGE_TOKEN
 
@@ -36,14 +37,30 @@ _ROLE_ALIASES = {
 }
 
 
-def normalize_messages(turns: list[dict], has_image: bool) -> list[dict]:
+def normalize_messages(
+    turns: list[dict],
+    has_image: bool,
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+) -> list[dict]:
     """LLaVA (`from`/`value`) or chat (`role`/`content`) turns -> checked `role`/`content` messages.
 
     The `<image>` tag is moved to the front of the first user turn (added there if the record has
     an image but no tag), as LLaVA does; roles must alternate user/assistant after an optional system.
+    A message over `max_message_chars` characters, or messages over `max_record_chars` in all, is
+    `text_too_long` (checked first: nothing else scans an oversized text).
     """
     if not isinstance(turns, list) or not turns:
         raise RecordError("malformed_record", "conversation is missing or empty")
+    total = 0
+    for i, turn in enumerate(turns):
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if isinstance(content, str):
+            if len(content) > max_message_chars:
+                raise RecordError("text_too_long", f"turn {i} has {len(content):,} characters > {max_message_chars:,}")
+            total += len(content)
+    if total > max_record_chars:
+        raise RecordError("text_too_long", f"the messages have {total:,} characters in all > {max_record_chars:,}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -185,3 +202,16 @@ class ConversationEncoder:
         if not (labels != IGNORE_INDEX).any():
             raise RecordError("empty_text", "no answer tokens survive tokenization")
         return EncodedConversation(input_ids=ids, labels=labels)
+
+    def encode_prompt(self, messages: list[dict]) -> np.ndarray:
+        """The ids of a conversation up to where the next answer starts (the generation prompt), image
+        tokens expanded: what generation in training feeds the model, as the export's processor would."""
+        for i, message in enumerate(messages):
+            if isinstance(message["content"], str):
+                reject_control_strings(message["content"], self._controls, f"turn {i}")
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=self.chat_template, add_generation_prompt=True, **self._special
+        )
+        ids = np.asarray(self.tokenizer(rendered[0], add_special_tokens=False)["input_ids"], dtype=np.int64)
+        is_image = ids == self.image_token_id
+        return np.repeat(ids, np.where(is_image, self.image_seq_length, 1))

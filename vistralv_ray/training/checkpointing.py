@@ -8,6 +8,7 @@ Layout of one checkpoint directory (every rank writes its part, Ray merges them)
   projector.safetensors      the projector alone, to start a finetune from an align run (rank 0)
   tokenizer/                 tokenizer with <image> and the chat template used in training (rank 0)
   config.yaml, run.json      the resolved config and the training precision: export needs nothing else
+  checkpoint_complete.json   written last, by rank 0, once every rank's part is in storage
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vistralv_ray.data.runs import STATE_FILE
+from vistralv_ray.data.runs import COMPLETE_FILE, STATE_FILE, complete_marker
+from vistralv_ray.logging import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -108,6 +112,24 @@ def resume_changes(cfg, saved: dict, current: dict) -> list[str]:
     ):
         current = resume_plan(cfg, current["total_steps"], saved_world)
     return plan_changes(saved, current)
+
+
+def mark_reported_checkpoint_complete(step: int, dir_name: str) -> None:
+    """Rank 0, once every rank's `ray.train.report(checkpoint=...)` has returned (a synchronous report
+    returns after that rank's upload): write the checkpoint's completeness marker into run storage.
+    A failed write is a warning, not a failed run: Ray has registered the checkpoint, which also
+    makes it complete to readers (`data.runs.checkpoint_problem`)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()  # the reported checkpoint, where Ray persisted it
+    if checkpoint is None or not checkpoint.path.rstrip("/").endswith(dir_name):
+        return  # Ray Train's local mode keeps no run storage
+    marker = f"{checkpoint.path.rstrip('/')}/{COMPLETE_FILE}"
+    try:
+        with checkpoint.filesystem.open_output_stream(marker) as f:
+            f.write(complete_marker(step))
+    except OSError as e:
+        log.warning("could not write %s (the checkpoint stays usable as one Ray registered): %s", marker, e)
 
 
 def save_rng_state(directory: Path, rank: int) -> None:

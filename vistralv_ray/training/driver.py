@@ -20,6 +20,7 @@ from vistralv_ray.config.loader import check_projector_start, config_to_dict
 from vistralv_ray.config.schema import RANDOM_PROJECTOR, Config
 from vistralv_ray.data import storage
 from vistralv_ray.data.pipeline import RAY_DATA_ENV
+from vistralv_ray.data.placement import PLACEMENT_DIR
 from vistralv_ray.logging import get_logger
 from vistralv_ray.ray_runtime import cluster_address, init_ray
 from vistralv_ray.training.checkpointing import resume_plan as checkpoint_resume_plan
@@ -41,6 +42,8 @@ WORKER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     **{k: os.environ.get(k, v) for k, v in RAY_DATA_ENV.items()},
 }
+# How much of each custom placement resource an embedded local Ray advertises (`local_node_resources`).
+LOCAL_MARKER_AMOUNT = 10_000.0
 # Rank 0 writes the keys of the records a resumed epoch already trained on here (see build_datasets).
 RESUME_SKIP_FILE = "resume_skip_keys.npy"
 
@@ -74,7 +77,18 @@ def ensure_ray(cfg: Config) -> None:
         what=f"run {cfg.run_name}",
         num_cpus=cpus,
         include_dashboard=True,
+        resources=local_node_resources(cfg),
     )
+
+
+def local_node_resources(cfg: Config) -> dict[str, float]:
+    """The custom resources an embedded Ray advertises: this one machine is the trainer node and the
+    CPU node at once, so it holds the placement markers the recipe asks for (`scaling.resources_per_worker`,
+    `data.preprocess_resources`) and a cluster recipe runs here as it is instead of waiting for a node.
+    On one machine the markers say nothing about capacity (CPUs and GPUs bound it): ample of each, so
+    that they never limit the workers, the preprocessing actors or a sweep's concurrent trials."""
+    names = {*cfg.scaling.resources_per_worker, *cfg.data.preprocess_resources} - {"CPU", "GPU", "memory"}
+    return {name: LOCAL_MARKER_AMOUNT for name in sorted(names)}
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
@@ -181,9 +195,13 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vistralv_ray.data.pipeline import build_datasets, ingest_options
-    from vistralv_ray.training.loop import PROBE_ENV, train_loop_per_worker
+    from vistralv_ray.training.benchmark import load_subset
+    from vistralv_ray.training.hooks import PROBE_ENV
+    from vistralv_ray.training.loop import train_loop_per_worker
 
     check_projector_start(cfg)  # before Ray, workers or GPUs
+    # train.benchmark: its questions, read here once (a wrong file stops the run before any worker).
+    benchmark_items = load_subset(cfg.train.benchmark) if cfg.train.benchmark.name else None
     if cluster_address():
         ensure_ray(cfg)  # its nodes and node types are what preflight checks the run against
     cfg = run_preflight(cfg)  # placeholders, credentials, GPUs and resources, before any GPU node
@@ -200,7 +218,9 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     storage_path, storage_fs, local_run_dir = storage_location(cfg)
     run_uri = storage.join(cfg.run.storage if storage.is_s3(cfg.run.storage) else storage_path, cfg.run_name)
     resume_skip_uri = storage.join(run_uri, RESUME_SKIP_FILE)
-    datasets, counts = build_datasets(cfg, resume_skip_uri)
+    # Every train worker and preprocessing actor records the node it runs on here.
+    placement_uri = storage.join(run_uri, PLACEMENT_DIR)
+    datasets, counts = build_datasets(cfg, resume_skip_uri, placement_uri)
     per_epoch, total = planned_steps(cfg, counts["train"])
     lr = lr_plan(cfg)
     log.info("learning rate: %s", lr.arithmetic())
@@ -237,11 +257,13 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         "resume_plan": resume_plan,
         "datasets": sorted(datasets),
         "resume_skip_uri": resume_skip_uri,
+        "placement_uri": placement_uri,
         "run_name": cfg.run_name,
         "run_dir_local": str(local_run_dir) if local_run_dir else None,
         "wandb_dir": str(wandb_dir),
         "wandb_id": hashlib.sha1(f"{cfg.run.storage}/{cfg.run_name}".encode()).hexdigest()[:12],
         "probe_logits_path": os.environ.get(PROBE_ENV),
+        "benchmark_items": benchmark_items,
         # The driver draws the bar: only where it writes to a terminal (job logs get the log lines).
         "progress_bar": cfg.run.progress_bar and sys.stderr.isatty(),
     }

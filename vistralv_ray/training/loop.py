@@ -1,5 +1,8 @@
-"""The Ray Train worker: build, freeze and wrap the model in DeepSpeed, then train, evaluate, checkpoint.
+"""The Ray Train worker: build, restore, loop, report.
 
+`Worker.run` builds the model (frozen by stage, wrapped in DeepSpeed), restores the checkpoint Ray
+hands over, runs the optimizer steps and reports every few steps, with an eval and a checkpoint
+when due. Where the metrics go is `reporting.py`; the test hooks are `hooks.py`.
 Ray hands the config over as a dict; the first thing the worker does is rebuild the typed tree.
 Every rank runs the same number of steps, reports and collective calls: the end of the data is
 agreed on with an all-reduce, and a rank without a batch still runs the same modules.
@@ -11,7 +14,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,24 +30,18 @@ from vistralv_ray.errors import REJECT_REASONS
 from vistralv_ray.logging import get_logger
 from vistralv_ray.training.checkpointing import (
     TrainerState,
+    mark_reported_checkpoint_complete,
     restore_rng_state,
     resume_changes,
     resume_plan,
     save_rng_state,
 )
+from vistralv_ray.training.hooks import maybe_inject_fault, maybe_save_probe
+from vistralv_ray.training.reporting import Reporter, quiet_ray_train_reports
 from vistralv_ray.training.scaling import elastic_note, lr_plan
+from vistralv_ray.training.step import dummy_batch
 
 log = get_logger(__name__)
-
-# Tests: kill rank 1 once, in the step after the checkpoint of this step (by then Ray has
-# registered that checkpoint, so the restart must resume from it).
-FAULT_ENV = "VISTRALV_INJECT_FAULT_AFTER_CHECKPOINT"
-# Tests: "STEP:SECONDS": every rank sleeps SECONDS in the step after the checkpoint of STEP, once per
-# run, so that a test can take a node away while the group is mid-epoch (the elastic tests).
-PAUSE_ENV = "VISTRALV_PAUSE_AFTER_CHECKPOINT"
-# Tests: after the last step, rank 0 saves one of its batches and the logits the trained engine gives
-# for it to this file (the driver reads the variable), so an export can be compared with the trainer's model.
-PROBE_ENV = "VISTRALV_SAVE_PROBE_LOGITS"
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -78,6 +74,10 @@ class Worker:
         self.lr = lr_plan(cfg, self.world)
         self.resume_plan = resume_plan(cfg, plan["total_steps"], self.world)
         self.resize: dict = {}  # set by restore() when this attempt runs at another size than its checkpoint
+        if plan.get("placement_uri"):  # the node this rank runs on, once per attempt
+            from vistralv_ray.data.placement import record_node
+
+            record_node(plan["placement_uri"], "train", rank=self.rank, world_size=self.world)
         if self.world != cfg.scaling.workers and self.rank == 0:
             log.warning(
                 "elastic: training with %d of %d workers: %s (%s)",
@@ -104,6 +104,13 @@ class Worker:
         attn = resolve_attn_implementation(cfg.model.attn_implementation, self.on_gpu)
         assembled = build_model(cfg.model, dtype=self.dtype, attn_implementation=attn, seed=t.seed)
         self.tokenizer = assembled.tokenizer
+        self.bench = None  # train.benchmark: the subset the driver read, answered every few steps
+        if self.plan.get("benchmark_items"):
+            from vistralv_ray.training.benchmark import BenchmarkStep
+
+            synced = t.zero_stage == 3 and self.world > 1
+            items = self.plan["benchmark_items"]
+            self.bench = BenchmarkStep(t.benchmark, items, assembled, cfg.model, self.rank, self.world, synced)
         model = apply_stage(assembled.model, t.stage, cfg.model.lora)
         if t.gradient_checkpointing:
             llava_of(model).model.language_model.gradient_checkpointing_enable(
@@ -234,6 +241,11 @@ class Worker:
             if batch.num_samples:
                 return batch
 
+    def probe_batch(self) -> TrainBatch:
+        """A batch for the logits probe (hooks.py): the first of eval's, else of train's."""
+        name = "eval" if "eval" in self.plan["datasets"] else "train"
+        return next(iter(self.batches(name, 0)), None) or dummy_batch(self.tokenizer.pad_token_id)
+
     def all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
@@ -242,7 +254,7 @@ class Worker:
 
     # ---- training ----------------------------------------------------------------------------
     def run(self) -> dict | None:
-        from vistralv_ray.training.metrics import DashboardMetrics, StepTimer
+        from vistralv_ray.training.metrics import StepTimer
 
         started = time.perf_counter()
         self.build()
@@ -253,9 +265,7 @@ class Worker:
         # The run ends at its planned samples (at the planned size: its planned steps); a resized run
         # takes steps of another size, and its last step may end past them by less than one step.
         self.scheduler.set_position(state.samples_seen, self.lr.global_batch)
-        self.dashboard = DashboardMetrics(self.plan["run_name"]) if self.rank == 0 else None
-        self.wandb = self.start_wandb() if self.rank == 0 else None
-        self.bar = self.start_progress_bar(state.step) if self.rank == 0 else None
+        self.reporter = Reporter(self.cfg, self.plan, self.rank, state.step)
         timer = StepTimer()
         window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
         first_step = self.rank == 0
@@ -290,9 +300,8 @@ class Worker:
                 self.scheduler.set_position(state.samples_seen, self.lr.global_batch)
                 if self.resize and "resize_s" not in self.resize:
                     self.resize.update(self.resize_timeline(started, built, restored))
-                if self.bar is not None:
-                    self.bar.update(1)
-                self.maybe_inject_fault(state.step)
+                self.reporter.step_done()
+                maybe_inject_fault(state.step, self.rank, self.world, self.cfg, self.plan)
                 for b in micro:
                     state.seen_keys.update(b.sample_keys)
                 tokens = sum(b.num_tokens for b in micro)
@@ -313,6 +322,7 @@ class Worker:
                     state.step % self.cfg.train.log_every == 0
                     or last
                     or state.step % self.cfg.train.checkpoint_every == 0
+                    or (self.bench is not None and self.bench.due(state.step, last))
                 ):
                     self.report(state, window, timer, eval_now=self.eval_due(state.step, last), last=last)
                     window = {"samples": 0, "tokens": 0, "flops": 0.0, "steps": 0, "loss": 0.0}
@@ -322,7 +332,7 @@ class Worker:
             state.seen_keys = set()
             state.epoch_samples = 0
         metrics = self.history[-1] if self.history else {}
-        self.maybe_save_probe()
+        maybe_save_probe(self.plan, self.engine, self.probe_batch, self.dtype, self.device, self.rank)
         return self.finish(state, metrics)
 
     def optimizer_step(self, micro: list[TrainBatch], global_targets: float) -> float:
@@ -362,7 +372,7 @@ class Worker:
             if any_left == 0:
                 break
             # A rank without a batch runs a dummy one: ZeRO-3 needs every rank in every forward.
-            run = batch if batch is not None else _dummy_batch(self.tokenizer.pad_token_id)
+            run = batch if batch is not None else dummy_batch(self.tokenizer.pad_token_id)
             value = summed_token_loss(self.engine, run.to(self.device), self.dtype)
             if batch is not None:
                 loss_sum += float(value)
@@ -425,16 +435,12 @@ class Worker:
         metrics.update({f"rejected_{k}": int(v) for k, v in rejected.items() if v})
         if eval_now and not diverged:
             metrics.update(self.evaluate())
+        if self.bench is not None and self.bench.due(state.step, last) and not diverged:
+            metrics.update(self.bench.run(self.engine, self.device, self.dtype, state.step))
         checkpoint_now = diverged is False and (state.step % self.cfg.train.checkpoint_every == 0 or last)
         metrics = {k: v for k, v in metrics.items() if v is not None}
         self.history.append(metrics)
-        if self.rank == 0:
-            log.info(_progress_line(metrics, self.plan["total_steps"]))
-            if self.bar is not None:
-                self.bar.set_description(f"{self.plan['run_name']} loss {metrics['loss']:.4f}")
-            self.dashboard.record(metrics, int(window["steps"]), int(tokens))
-            if self.wandb is not None:
-                self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
+        self.reporter.publish(metrics, int(window["steps"]), int(tokens))
         if checkpoint_now:
             with tempfile.TemporaryDirectory() as tmp:
                 self.save_checkpoint(Path(tmp), state)
@@ -443,6 +449,9 @@ class Worker:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=f"checkpoint-{state.step:06d}",
                 )
+            self.all_sum([0.0])  # a barrier: every rank's report returned, so its part is uploaded
+            if self.rank == 0:
+                mark_reported_checkpoint_complete(state.step, f"checkpoint-{state.step:06d}")
         else:
             ray.train.report(metrics)
         return metrics
@@ -482,75 +491,8 @@ class Worker:
             "resize_first_step_s": now - restored,
         }
 
-    def maybe_inject_fault(self, step: int) -> None:
-        pause = os.environ.get(PAUSE_ENV)
-        if pause and int(pause.split(":")[0]) + 1 == step and self.world == self.cfg.scaling.workers:
-            log.warning("pausing %s s in step %d (%s)", pause.split(":")[1], step, PAUSE_ENV)
-            time.sleep(float(pause.split(":")[1]))
-        target = os.environ.get(FAULT_ENV)
-        marker = Path(self.plan["run_dir_local"] or tempfile.gettempdir()) / f".fault-injected-{self.plan['run_name']}"
-        if target and int(target) + 1 == step and self.rank == min(1, self.world - 1) and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(step))
-            log.warning("injecting a worker failure in step %d (%s)", step, FAULT_ENV)
-            # Ray's controller registers a reported checkpoint when it next polls the workers; a
-            # worker that dies within milliseconds of its report can lose it. Real faults are not
-            # that punctual: wait as long as a few polls take.
-            time.sleep(5)
-            os._exit(1)
-
-    @torch.no_grad()
-    def maybe_save_probe(self) -> None:
-        target = self.plan.get("probe_logits_path")
-        if not target:
-            return
-        from vistralv_ray.training.step import forward_logits
-
-        name = "eval" if "eval" in self.plan["datasets"] else "train"
-        batch = next(iter(self.batches(name, 0)), None) or _dummy_batch(self.tokenizer.pad_token_id)
-        self.engine.eval()
-        # Every rank runs its forward (ZeRO-3 gathers parameters collectively); rank 0 keeps its own.
-        logits = forward_logits(self.engine, batch.to(self.device), self.dtype).float().cpu()
-        if self.rank == 0:
-            torch.save({"batch": batch, "logits": logits}, target)
-
-    def start_wandb(self):
-        mode = self.cfg.run.wandb
-        if mode == "off":
-            return None
-        import dataclasses
-
-        import wandb
-
-        wandb_dir = Path(self.plan["wandb_dir"])
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        return wandb.init(
-            mode=mode,
-            project=self.cfg.run.wandb_project,
-            group=self.cfg.run.wandb_group,
-            name=self.plan["run_name"],
-            id=self.plan["wandb_id"],
-            resume="allow",
-            dir=str(wandb_dir),
-            config={**dataclasses.asdict(self.cfg), "lr_plan": self.plan["lr_plan"]},
-        )
-
-    def start_progress_bar(self, done: int):
-        if not self.plan.get("progress_bar"):
-            return None
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(desc=self.plan["run_name"], total=self.plan["total_steps"], unit="step")
-        bar.update(done)  # a resumed run starts where its checkpoint left off
-        return bar
-
     def finish(self, state: TrainerState, metrics: dict) -> dict | None:
-        if self.bar is not None:
-            self.bar.close()
-            sys.stdout.flush()  # the closing state travels as a line on stdout: send it before the worker ends
-        if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            self.wandb.finish()
+        self.reporter.close(metrics)
         if self.rank != 0:
             return None
         return {
@@ -564,43 +506,7 @@ class Worker:
         }
 
 
-def _progress_line(m: dict, total: int) -> str:
-    parts = [f"step {m['step']}/{total}", f"loss {m['loss']:.4f}"]
-    if "eval_loss" in m:
-        parts.append(f"eval_loss {m['eval_loss']:.4f}")
-    parts += [f"lr {m.get('lr', 0):.3g}", f"{m['samples_per_s']:.1f} samples/s", f"{m['tokens_per_s']:.0f} tokens/s"]
-    if m.get("mfu") is not None:
-        parts.append(f"MFU {100 * m['mfu']:.1f}%")
-    parts.append(f"data wait {100 * m['data_wait_fraction']:.0f}%")
-    return " | ".join(parts)
-
-
-def quiet_ray_train_reports() -> None:
-    """Ray Train logs every report's full metrics dict at INFO; our one-line progress replaces it."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def _as_float(value) -> float | None:
     if value is None:
         return None
     return float(value.item() if hasattr(value, "item") else value)
-
-
-def _dummy_batch(pad_id: int) -> TrainBatch:
-    ids = torch.full((1, 8), pad_id, dtype=torch.long)
-    return TrainBatch(
-        input_ids=ids,
-        targets=torch.full_like(ids, -100),
-        position_ids=torch.arange(8).unsqueeze(0),
-        attention_mask=None,
-        pixel_values=torch.zeros((0, 1, 1, 3), dtype=torch.uint8),
-        num_samples=0,
-        num_tokens=0,
-        num_target_tokens=0,
-    )

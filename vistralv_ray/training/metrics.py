@@ -97,26 +97,92 @@ class StepTimer:
         return elapsed, wait
 
 
-class DashboardMetrics:
-    """`ray.util.metrics` gauges and counters, shown on the Ray dashboard / Prometheus as ray_vistralv_*."""
-
-    GAUGES = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "data_wait_fraction", "memory_mb")
+# What the training workers export through `ray.util.metrics`. Prometheus sees each as
+# `ray_vistralv_<name>` (counters with `_total`); cluster/grafana/vistralv-ray.json charts them.
+# Every series carries Ray Train's own run-name label, so one dashboard variable filters ours and
+# Ray Train's `ray_train_*` metrics alike.
+RUN_TAG = "ray_train_run_name"
+RANK_TAG = "ray_train_worker_world_rank"
+REASON_TAG = "reason"
+METRIC_TAG = "metric"
+BENCH_PREFIX = "bench/"  # the benchmark step's metrics in a report (training/benchmark.py)
+# name: (kind, description, tag keys beyond the run's)
+EXPORTED_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "loss": ("gauge", "training loss, mean over the last report's steps", ()),
+    "eval_loss": ("gauge", "eval loss per target token", ()),
+    "lr": ("gauge", "learning rate of the language model (align: the projector's)", ()),
+    "projector_lr": ("gauge", "learning rate of the projector", ()),
+    "grad_norm": ("gauge", "global gradient norm", ()),
+    "samples_per_s": ("gauge", "samples per second, all ranks", ()),
+    "tokens_per_s": ("gauge", "non-padding tokens per second, all ranks", ()),
+    "tflops_per_device": ("gauge", "model TFLOP/s per device", ()),
+    "mfu": ("gauge", "model FLOPs utilisation (GPUs of known peak only)", ()),
+    "data_wait_fraction": ("gauge", "share of this rank's wall time spent waiting for a batch", (RANK_TAG,)),
+    "memory_mb": ("gauge", "this rank's peak device memory (CPU: resident memory), MiB", (RANK_TAG,)),
+    "rejected_records": ("gauge", "records rejected in preprocessing so far in this attempt", ()),
+    "rejected_records_by_reason": ("gauge", "records rejected in preprocessing, by reason", (REASON_TAG,)),
     # Elastic runs: the size the group trains at now, and what the last resize cost.
-    GAUGES += ("world_size", "global_batch", "effective_lr", "samples_seen", "resize_s")
+    "world_size": ("gauge", "Ray Train workers the run trains with now", ()),
+    "global_batch": ("gauge", "samples per optimizer step", ()),
+    "effective_lr": ("gauge", "peak LR after the scaling rule", ()),
+    "samples_seen": ("gauge", "records consumed (the data position the schedule follows)", ()),
+    "resize_s": ("gauge", "seconds the last resize cost (restart to first step)", ()),
+    "resizes": ("counter", "resizes of the worker group", ()),
+    "steps": ("counter", "optimizer steps", ()),
+    "tokens": ("counter", "non-padding tokens trained on", ()),
+    # train.benchmark: the benchmark subset's scores, one series per metric (bench/<metric> in a report).
+    "benchmark": ("gauge", "the benchmark step's score on its subset (train.benchmark), by metric", (METRIC_TAG,)),
+}
+# Gauges set from the report's metrics dict under the same key.
+_FROM_REPORT = [
+    k for k, (kind, _, tags) in EXPORTED_METRICS.items() if kind == "gauge" and not {REASON_TAG, METRIC_TAG} & set(tags)
+]
 
-    def __init__(self, run_name: str):
+
+def prometheus_names() -> set[str]:
+    """The names Prometheus scrapes for EXPORTED_METRICS (Ray adds `ray_`, OpenTelemetry `_total`)."""
+    return {f"ray_vistralv_{k}{'_total' if kind == 'counter' else ''}" for k, (kind, _, _) in EXPORTED_METRICS.items()}
+
+
+class DashboardMetrics:
+    """`ray.util.metrics` gauges and counters of EXPORTED_METRICS, on the Ray dashboard and Prometheus.
+
+    Every rank records its own data wait and memory (tagged with its rank); rank 0, whose report
+    holds the run's all-reduced values, records the rest.
+    """
+
+    def __init__(self, run_name: str, rank: int = 0):
         from ray.util.metrics import Counter, Gauge
 
-        tags = ("run",)
-        self.tags = {"run": run_name}
-        self.gauges = {k: Gauge(f"vistralv_{k}", description=f"vistralv-ray {k}", tag_keys=tags) for k in self.GAUGES}
-        self.steps = Counter("vistralv_steps", description="optimizer steps", tag_keys=tags)
-        self.tokens = Counter("vistralv_tokens", description="non-padding tokens trained on", tag_keys=tags)
+        self.rank = rank
+        self.tags = {RUN_TAG: run_name}
+        self.rank_tags = {RUN_TAG: run_name, RANK_TAG: str(rank)}
+        self.metrics = {
+            name: (Gauge if kind == "gauge" else Counter)(
+                f"vistralv_{name}", description=description, tag_keys=(RUN_TAG, *extra)
+            )
+            for name, (kind, description, extra) in EXPORTED_METRICS.items()
+        }
 
     def record(self, metrics: dict, steps: int, tokens: int) -> None:
-        for key, gauge in self.gauges.items():
+        for key in _FROM_REPORT:
             value = metrics.get(key)
-            if value is not None:
-                gauge.set(float(value), tags=self.tags)
-        self.steps.inc(steps, tags=self.tags)
-        self.tokens.inc(tokens, tags=self.tags)
+            per_rank = RANK_TAG in EXPORTED_METRICS[key][2]
+            if value is None or not (per_rank or self.rank == 0):
+                continue
+            self.metrics[key].set(float(value), tags=self.rank_tags if per_rank else self.tags)
+        if self.rank != 0:
+            return
+        for key, value in metrics.items():
+            if key.startswith("rejected_") and key != "rejected_records":
+                reason = key.removeprefix("rejected_")
+                self.metrics["rejected_records_by_reason"].set(float(value), tags={**self.tags, REASON_TAG: reason})
+            elif key.startswith(BENCH_PREFIX):
+                metric = key.removeprefix(BENCH_PREFIX)
+                self.metrics["benchmark"].set(float(value), tags={**self.tags, METRIC_TAG: metric})
+        if "resize_s" in metrics:  # reported once, in the first report after a resize
+            self.metrics["resizes"].inc(1, tags=self.tags)
+        if steps:
+            self.metrics["steps"].inc(steps, tags=self.tags)
+        if tokens:
+            self.metrics["tokens"].inc(tokens, tags=self.tags)

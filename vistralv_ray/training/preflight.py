@@ -6,6 +6,8 @@ on the laptop before it uploads anything. Every error is a `ConfigError` that na
 What is checked:
 - placeholder URIs left from the recipes (`s3://my-bucket/...`) in data.train, data.eval, run.storage;
 - local shard directories that `prepare` did not finish (no manifest.json);
+- shards of `prepare --store-pixels` (local or s3://) holding images at another size, aspect or pad
+  colour than the recipe's model decodes to;
 - `run.wandb: online` without W&B credentials (WANDB_API_KEY or a `wandb login` netrc entry);
 - `scaling.use_gpu: auto` on a cluster that starts at zero GPU nodes: resolved from the cluster's node
   types (the launcher's autoscaling config) or, where none can be read, an explicit value is required;
@@ -119,6 +121,60 @@ def check_wandb(cfg: Config, environ: dict[str, str] | None = None, netrc_path: 
             "a Kubernetes secret, or `jobs/submit.py --env WANDB_API_KEY`) or run `wandb login`; "
             "or --set run.wandb=offline (or off)"
         )
+
+
+# What decides each field of a manifest's `pixels` on the recipe's side.
+PIXELS_RECIPE_KEY = {
+    "size": "model.image_size",
+    "aspect": "model.aspect",
+    "fill": "model.vision_tower (its image_mean is the pad colour)",
+    "resample": "training's bicubic, the exported processor's filter",
+}
+
+
+def _data_manifests(uri: str, base: Path) -> list[str]:
+    """The manifests of the shard folders a data path names (a shard file: its folder's, if any)."""
+    if storage.is_glob(uri) or ("://" in uri and not storage.is_s3(uri)):
+        return []
+    if not storage.is_s3(uri):
+        path = Path(uri).expanduser()
+        uri = str(path if path.is_absolute() else base / path)
+    if uri.endswith(".parquet"):
+        folder = uri.rsplit("/", 1)[0]
+        return [storage.join(folder, storage.SHARD_MANIFEST)] if storage.exists(uri) else []
+    return [u for u in storage.list_tree(uri) if u.rsplit("/", 1)[-1] == storage.SHARD_MANIFEST]
+
+
+def check_prepared_pixels(cfg: Config, base: Path | None = None) -> None:
+    """Images stored as a model sees them (`prepare --store-pixels`, the manifest's `pixels`) are that
+    model's: at another size, aspect or pad colour, training would resize them again, off the exported
+    processor's pixels. The model's size and mean are looked up only when some manifest has `pixels`."""
+    from vistralv_ray.data.images import StoredPixels, pixels_for_model
+
+    expected = None
+    for key, uris in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for uri in uris:
+            for manifest_uri in _data_manifests(uri, base or Path.cwd()):
+                if not storage.exists(manifest_uri):
+                    continue
+                entry = json.loads(storage.read_bytes(manifest_uri)).get("pixels")
+                if not entry:
+                    continue
+                expected = expected or pixels_for_model(cfg.model)
+                stored = StoredPixels.from_manifest(entry)
+                differences = stored.differences(expected)
+                if not differences:
+                    continue
+                name = differences[0]
+                recipe_key = PIXELS_RECIPE_KEY[name]
+                if name == "size" and not cfg.model.image_size:
+                    recipe_key += " (unset: the vision tower's image_size)"
+                raise ConfigError(
+                    f"{key}: {manifest_uri} says its images are stored at pixels.{name} = "
+                    f"{getattr(stored, name)}, but {recipe_key} gives {getattr(expected, name)} "
+                    "for this recipe; prepare the data again with this recipe (`vistralv-ray prepare "
+                    "--store-pixels --config <recipe>`), or train on shards of the original images"
+                )
 
 
 def static_checks(cfg: Config, environ: dict[str, str] | None = None, base: Path | None = None) -> None:
@@ -277,6 +333,7 @@ def run_preflight(cfg: Config) -> Config:
     from vistralv_ray.ray_runtime import cluster_address
 
     static_checks(cfg)
+    check_prepared_pixels(cfg)  # reads manifests on s3:// too: not a static check
     address = cluster_address()
     if not address:
         return cfg  # an embedded Ray, sized for this run by ensure_ray

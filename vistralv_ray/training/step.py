@@ -67,3 +67,19 @@ def summed_token_loss(model: torch.nn.Module, batch: TrainBatch, dtype: torch.dt
     return F.cross_entropy(
         logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def dummy_batch(pad_id: int) -> TrainBatch:
+    """A text-only batch without targets, for a rank that has no batch of its own to run: under
+    ZeRO-3 every rank must take part in every forward."""
+    ids = torch.full((1, 8), pad_id, dtype=torch.long)
+    return TrainBatch(
+        input_ids=ids,
+        targets=torch.full_like(ids, IGNORE_INDEX),
+        position_ids=torch.arange(8).unsqueeze(0),
+        attention_mask=None,
+        pixel_values=torch.zeros((0, 1, 1, 3), dtype=torch.uint8),
+        num_samples=0,
+        num_tokens=0,
+        num_target_tokens=0,
+    )

@@ -4,7 +4,7 @@
 at, so that `vistralv-ray train CONFIG --set train.base_lr=@DIR/best.json` transfers it to any worker
 count through the scaling rule. A trial is `completed`, `stopped_early` (by the scheduler),
 `diverged` (NaN/inf loss) or `error`; only completed trials compete for best (stopped ones only when
-none completed).
+none completed). On an `s3://` sweep directory they are written here first, then uploaded.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from pathlib import Path
 
+from vistralv_ray.data import storage
 from vistralv_ray.training.driver import planned_steps
 from vistralv_ray.training.scaling import lr_plan
 from vistralv_ray.tuning.plots import plot_curves, plot_metric_vs_lr
@@ -158,9 +160,26 @@ def write_table(records: list[TrialRecord], metric: str, search_keys: list[str],
             writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
 
 
-def write_results(records: list[TrialRecord], setup: SweepSetup) -> dict[str, Path]:
-    """best.json (when a trial qualifies), trials.csv and the plots; returns their paths."""
-    metric, out = setup.space.scheduler.metric, setup.workdir
+def write_results(records: list[TrialRecord], setup: SweepSetup) -> dict[str, Path | str]:
+    """best.json (when a trial qualifies), trials.csv and the plots; returns their paths (s3:// URIs
+    for a sweep directory on S3)."""
+    workdir = str(setup.workdir)
+    if not storage.is_s3(workdir):
+        return _write_results(records, setup, Path(workdir))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _write_results(records, setup, Path(tmp))
+        uris = {}
+        for key, path in local.items():
+            uris[key] = storage.join(workdir, path.name)
+            storage.write_bytes(uris[key], path.read_bytes())
+    best_uri = storage.join(workdir, "best.json")
+    if "best" not in uris and storage.exists(best_uri):
+        storage.delete_file(best_uri)  # a stale best.json of an earlier sweep must not be taken for this one's
+    return uris
+
+
+def _write_results(records: list[TrialRecord], setup: SweepSetup, out: Path) -> dict[str, Path]:
+    metric = setup.space.scheduler.metric
     paths = {
         "table": out / "trials.csv",
         "metric_plot": out / f"{metric}_vs_base_lr.png",

@@ -5,7 +5,8 @@ that builds the trial's config, its TorchTrainer (the same `build_trainer` as `v
 and fits it, with a TuneReportCallback in the Train RunConfig forwarding rank 0's reports to Tune.
 ASHA then stops poor trials on the reported metric; a diverged trial ends itself and is recorded,
 not crashed. Everything lands under the sweep directory: Tune's state in `tune/`, each trial's run
-in `runs/<sweep>-<trial id>/`, and the results (`best.json`, `trials.csv`, plots) at the top.
+in `runs/<sweep>-<trial id>/`, and the results (`best.json`, `trials.csv`, plots) at the top. The
+sweep directory may be an `s3://` URI: on a multi-node cluster every node writes there, no NFS needed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vistralv_ray.config import RANDOM_PROJECTOR, Config, ConfigError, check_projector_start
+from vistralv_ray.data import storage
 from vistralv_ray.logging import get_logger
 from vistralv_ray.tuning.space import SchedulerSpec, SearchSpace, check_against, trial_config
 
@@ -34,7 +36,7 @@ class SweepSetup:
     """Everything a sweep needs, checked before any trial starts."""
 
     space: SearchSpace
-    workdir: Path
+    workdir: str | Path  # an absolute local path or an s3:// URI
     recipe: dict  # the run config tree every trial starts from (the space's trial settings applied)
     samples: int
     train_records: int
@@ -43,12 +45,12 @@ class SweepSetup:
     footprint: dict[str, float] = field(default_factory=dict)
 
     @property
-    def runs_dir(self) -> Path:
-        return self.workdir / "runs"
+    def runs_dir(self) -> str:
+        return storage.join(str(self.workdir), "runs")
 
     def config_of(self, params: dict, trial_id: str) -> Config:
         name = self.space.name
-        return trial_config(self.recipe, params, f"{name}-{trial_id}", str(self.runs_dir), name)
+        return trial_config(self.recipe, params, f"{name}-{trial_id}", self.runs_dir, name)
 
 
 def build_report_callback(metric: str, mode: str):
@@ -182,7 +184,7 @@ def prepare_sweep(
         raise ConfigError(f"--samples: {samples}; allowed: >= 1")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: {max_concurrent}; allowed: >= 1")
-    root = Path(workdir).expanduser().resolve()
+    root = str(workdir) if storage.is_s3(str(workdir)) else str(Path(workdir).expanduser().resolve())
     recipe = absolute_paths(space.recipe(cfg))
     check_against(space, recipe)
     setup = SweepSetup(space, root, recipe, samples or space.samples, train_records=0, max_t=1, max_concurrent=1)
@@ -222,7 +224,11 @@ def run_sweep(setup: SweepSetup):
 
     sched = setup.space.scheduler
     janitor = PlacementGroupJanitor().start()
-    setup.workdir.mkdir(parents=True, exist_ok=True)
+    # Tune's own state (experiment and trial directories) next to the trial runs: local or on S3.
+    fs, path = storage.filesystem_for(str(setup.workdir))
+    if not storage.is_s3(str(setup.workdir)):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fs = None
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=setup), {"CPU": TRIAL_DRIVER_CPUS})
     tuner = tune.Tuner(
         trainable,
@@ -237,7 +243,8 @@ def run_sweep(setup: SweepSetup):
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(setup.workdir),
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=0),
             callbacks=[build_janitor_callback(janitor)],
         ),
