@@ -170,6 +170,7 @@ def ignored_paths(cfg: Config, excludes: list[str]) -> list[str]:
     candidates = [cfg.model.language_model, cfg.model.vision_tower, *cfg.data.train, *cfg.data.eval]
     if cfg.model.init_projector_from:
         candidates.append(cfg.model.init_projector_from)
+    candidates += [cfg.train.benchmark.data, cfg.train.benchmark.images]  # train.benchmark's file and images
     # Hub ids (Viet-Mistral/Vistral-7B-Chat) look relative too; no ignore rule matches them.
     relative = [c for c in dict.fromkeys(candidates) if c and "://" not in c and not c.startswith(("/", "~"))]
     if not relative:

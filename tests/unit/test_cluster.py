@@ -607,6 +607,16 @@ def test_submit_warns_about_git_ignored_assets(submit, clean_env, capsys):
         assert f"warning: {path} is git-ignored" in err
     cfg = load_config(REPO / "jobs/finetune.yaml")
     assert submit.ignored_paths(cfg, submit.WORKING_DIR_EXCLUDES) == []  # hub ids and s3:// URIs
+    # train.benchmark's question file and images travel (or not) like the data.
+    cfg = load_config(
+        REPO / "jobs/finetune.yaml",
+        [
+            "train.benchmark.name=openvivqa",
+            "train.benchmark.data=runs/bench/dev.json",
+            "train.benchmark.images=runs/img",
+        ],
+    )
+    assert submit.ignored_paths(cfg, submit.WORKING_DIR_EXCLUDES) == ["runs/bench/dev.json", "runs/img"]
 
 
 def test_stop_and_logs_use_the_job_client(submit, clean_env, capsys):

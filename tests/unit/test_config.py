@@ -60,7 +60,8 @@ def test_overrides_parse_yaml_values():
         ({}, ["train.benchmark.name=mtvqa"], "train.benchmark.data", "needs its file"),
         ({}, ["train.benchmark.data=x.json"], "train.benchmark.name", "name it"),
         ({}, ["train.benchmark.every_steps=0"], "train.benchmark.every_steps", ">= 1"),
-        ({}, ["train.benchmark.max_questions=0"], "train.benchmark.max_questions", ">= 1"),
+        ({}, ["train.benchmark.max_questions=0"], "train.benchmark.max_questions", "1 to 1024"),
+        ({}, ["train.benchmark.max_questions=5000"], "train.benchmark.max_questions", "1 to 1024"),
     ],
 )
 def test_errors_name_the_key(data, overrides, key, hint):

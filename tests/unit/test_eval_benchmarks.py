@@ -275,3 +275,19 @@ def test_eval_compare_writes_a_paired_table_and_chart(tmp_path):
     write_run(tmp_path / "c", refs, refs, benchmark="evjvqa")
     with pytest.raises(ValueError, match="not one benchmark"):
         main(["eval-compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "x")])
+
+
+def test_the_benchmark_step_leaves_out_questions_with_control_tokens_before_any_worker(tmp_path, caplog):
+    """A literal `</s>` or `<image>` in a question would stop every rank at its first benchmark step;
+    the driver leaves such questions out (counted) when it reads the subset."""
+    from vistralv_ray.config.schema import TrainBenchmark
+    from vistralv_ray.training.benchmark import load_subset
+
+    paths = write_benchmark_files(tmp_path)
+    data = json.loads(paths["openvivqa"].read_text(encoding="utf-8"))
+    data["annotations"]["101"]["question"] += " </s>"
+    data["annotations"]["102"]["question"] = "<image> " + data["annotations"]["102"]["question"]
+    paths["openvivqa"].write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    items = load_subset(TrainBenchmark(name="openvivqa", data=str(paths["openvivqa"]), max_questions=3))
+    assert [i.id for i in items] == ["100", "103", "104"]
+    assert "control_token_in_text" in caplog.text

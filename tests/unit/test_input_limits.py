@@ -117,3 +117,11 @@ def test_the_limits_are_data_config_values_checked_like_the_others():
     assert (cfg.data.max_message_chars, cfg.data.max_record_chars, cfg.data.max_image_pixels) == (500, 2000, 25_000_000)
     with pytest.raises(ConfigError, match="data.max_record_chars"):
         load_config(None, ["data.max_record_chars=0"])
+
+
+def test_parallel_prepare_reads_ahead_two_chunks_per_cpu_but_never_the_whole_corpus():
+    from vistralv_ray.data.prepare import MAX_CHUNKS_IN_FLIGHT, chunks_in_flight
+
+    assert chunks_in_flight(1) == 2 and chunks_in_flight(8) == 16
+    # A 64-node cluster (~6,000 CPUs) would otherwise hold ~12,000 chunks: the whole corpus.
+    assert chunks_in_flight(6144) == MAX_CHUNKS_IN_FLIGHT == 64

@@ -192,3 +192,18 @@ def test_an_export_killed_midway_leaves_the_old_export_or_none(tmp_path, existin
         assert sorted(p.name for p in out.iterdir()) == ["config.json"] and (out / "config.json").read_text() == "old"
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".export.partial-")]
     assert len(partial) == 1 and not (partial[0] / "vistralv_export.json").exists()  # hidden, and never complete
+
+
+def test_a_zero3_checkpoint_needs_every_ranks_model_states(tmp_path, warnings):
+    """ZeRO-3 writes one model-states file per rank: a layout with only some of them is partial."""
+    run = tmp_path / "run"
+    checkpoint_files(run / "checkpoint-000002", 2, PLAN)
+    checkpoint = checkpoint_files(run / "checkpoint-000004", 4, PLAN)
+    shards = checkpoint / "deepspeed" / "step-4"
+    (shards / "mp_rank_00_model_states.pt").unlink()
+    for rank in range(PLAN["world_size"]):
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"model")
+    assert latest_checkpoint_uri(str(run)) == str(checkpoint)
+    (shards / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()  # the upload of rank 1 cut short
+    assert latest_checkpoint_uri(str(run)) == str(run / "checkpoint-000002")
+    assert "zero_pp_rank_1_*model_states.pt" in warnings.text

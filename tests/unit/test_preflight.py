@@ -138,3 +138,21 @@ def test_an_embedded_ray_advertises_the_placement_resources_the_recipe_asks_for(
     need = 2 * cfg.data.preprocess_actors * cfg.data.preprocess_resources.get("cpu_node", 0)
     assert started["resources"].get("cpu_node", 0) >= need
     assert bool(started["resources"]) == (recipe != "local_tiny.yaml")
+
+
+def test_a_cluster_without_the_recipes_placement_resources_is_named_before_the_run_waits(monkeypatch, caplog):
+    """A KubeRay / `ray start` cluster (node types unreadable): the custom resources of align.yaml that no
+    live node offers are named, with the fix, before Ray Train waits for them."""
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")
+    monkeypatch.setattr(preflight, "bootstrap_node_types", lambda: None)
+    nodes = [NodeType("head", {"CPU": 8.0}, 1), NodeType("a100", {"CPU": 96.0, "GPU": 8.0}, 1)]
+    monkeypatch.setattr(preflight, "_live_nodes", lambda: nodes)
+    placed = ["scaling.resources_per_worker={trainer: 1}", "data.preprocess_resources={cpu_node: 1}"]
+    cfg = config_from_dict({}, ["scaling.use_gpu=true", *placed])
+    preflight.run_preflight(cfg)
+    assert "offers scaling.resources_per_worker: 'trainer'; data.preprocess_resources: 'cpu_node'" in caplog.text
+    caplog.clear()
+    nodes[1].resources["trainer"] = 8.0
+    nodes[0].resources["cpu_node"] = 1.0
+    preflight.run_preflight(cfg)
+    assert "offers" not in caplog.text

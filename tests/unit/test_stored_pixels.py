@@ -101,3 +101,19 @@ def test_prepare_store_pixels_takes_size_aspect_and_mean_from_the_config(tiny_as
     image = pq.read_table(tmp_path / "shards" / "part-00000.parquet").column("image")[0].as_py()
     pixels = np.asarray(Image.open(io.BytesIO(image)))
     assert pixels.shape == (24, 24, 3) and (pixels[0] == 127).all()  # padded above with the tower's mean
+
+
+def test_shards_prepared_under_looser_limits_are_named_before_the_run(tiny_assets, tmp_path, caplog):
+    """Records `prepare` accepted under a larger pixel or character limit than the run's would be
+    rejected in training (an epoch shorter than the manifest says): preflight names the key and the fix."""
+    folder = tmp_path / "shards"
+    shard_folder(folder, None)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(max_image_pixels=89_478_485, max_message_chars=32_768, max_record_chars=131_072)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    preflight.check_prepared_pixels(recipe(tiny_assets, folder))
+    assert "max_image_pixels = 89478485, above this run's data.max_image_pixels = 25000000" in caplog.text
+    assert "--set data.max_image_pixels=89478485" in caplog.text and "max_message_chars" not in caplog.text
+    caplog.clear()
+    preflight.check_prepared_pixels(recipe(tiny_assets, folder, "data.max_image_pixels=89478485"))
+    assert "above this run's" not in caplog.text

@@ -132,6 +132,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# train.benchmark.max_questions, at most (the images go to every worker with the run's plan).
+MAX_BENCHMARK_QUESTIONS = 1024
 _YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
@@ -274,7 +276,12 @@ def validate(cfg: Config) -> None:
     _require(b.name is None or bool(b.data), "train.benchmark.data", f"train.benchmark.name={b.name} needs its file")
     _require(b.data is None or b.name is not None, "train.benchmark.name", "train.benchmark.data is set: name it")
     _require(b.every_steps is None or b.every_steps >= 1, "train.benchmark.every_steps", "allowed: null or >= 1")
-    _require(b.max_questions >= 1, "train.benchmark.max_questions", f"{b.max_questions}; allowed: >= 1")
+    # Every question's image travels to every worker in the run's plan: a subset, not a test set.
+    _require(
+        1 <= b.max_questions <= MAX_BENCHMARK_QUESTIONS,
+        "train.benchmark.max_questions",
+        f"{b.max_questions}; allowed: 1 to {MAX_BENCHMARK_QUESTIONS} (`vistralv-ray eval --benchmark` for a whole set)",
+    )
     _require(b.max_new_tokens >= 1, "train.benchmark.max_new_tokens", f"{b.max_new_tokens}; allowed: >= 1")
     _require(s.workers >= 1, "scaling.workers", f"{s.workers}; allowed: >= 1")
     _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "allowed: >= 0")

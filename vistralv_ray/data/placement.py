@@ -15,12 +15,19 @@ import time
 import uuid
 
 from vistralv_ray.data import storage
+from vistralv_ray.logging import get_logger
+
+log = get_logger(__name__)
 
 PLACEMENT_DIR = "placement"
 
 
-def record_node(placement_uri: str, role: str, **extra) -> None:
-    """Write this process's node id (and `extra`: rank, world size) under `placement_uri`."""
+def record_node(placement_uri: str, role: str, **extra) -> bool:
+    """Write this process's node id (and `extra`: rank, world size) under `placement_uri`.
+
+    A diagnostic record: a write that fails (storage down, access denied) is a warning, never a
+    failed worker or actor (which would spend the run's `max_failures` on a log file). Returns
+    whether it was written."""
     import ray
 
     ctx = ray.get_runtime_context()
@@ -32,7 +39,12 @@ def record_node(placement_uri: str, role: str, **extra) -> None:
         **extra,
     }
     name = f"{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-    storage.write_bytes(storage.join(placement_uri, name), json.dumps(entry).encode())
+    try:
+        storage.write_bytes(storage.join(placement_uri, name), json.dumps(entry).encode())
+    except Exception as e:  # noqa: BLE001 - any storage fault: the run goes on without this record
+        log.warning("placement: could not record the %s node under %s: %s", role, placement_uri, e)
+        return False
+    return True
 
 
 def read_placement(placement_uri: str) -> list[dict]:

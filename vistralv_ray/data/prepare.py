@@ -94,6 +94,10 @@ class PrepareOptions:
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
 
 
+# Chunks (shards of `shard_size` records) read ahead of the tasks building them, at most.
+MAX_CHUNKS_IN_FLIGHT = 64
+
+
 @dataclass
 class ShardResult:
     name: str | None
@@ -375,14 +379,21 @@ def _duplicate_ids(counts: Counter) -> dict:
     }
 
 
+def chunks_in_flight(cpus: float) -> int:
+    """How many chunks `prepare` reads ahead of its tasks: two per CPU, at least 2, at most MAX_CHUNKS_IN_FLIGHT."""
+    return min(MAX_CHUNKS_IN_FLIGHT, max(2, 2 * int(cpus)))
+
+
 def _run_parallel(chunks: Iterator[list[dict]], opts: PrepareOptions, progress: bool) -> list[ShardResult]:
-    """One Ray task per chunk, submitted as the input is read: at most two per CPU in flight."""
+    """One Ray task per chunk, submitted as the input is read: at most two per CPU in flight, and
+    never more than MAX_CHUNKS_IN_FLIGHT (on a large cluster two per CPU would be the whole corpus
+    held in the driver and the object store at once)."""
     import ray
     from tqdm import tqdm
 
     init_ray(what="prepare", include_dashboard=False)
     task = ray.remote(num_cpus=1)(build_shard)
-    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    in_flight = chunks_in_flight(ray.cluster_resources().get("CPU", 1))
     pending: dict = {}
     sizes: dict[int, int] = {}
     results: dict[int, ShardResult] = {}

@@ -96,7 +96,14 @@ def checkpoint_problem(uri: str, registered: set[str] | None = None) -> str | No
     missing = [f for f in (CONFIG_FILE, PROJECTOR_FILE, "tokenizer/tokenizer_config.json") if f not in files]
     if not any(f.startswith(ds) and f.endswith("model_states.pt") for f in files):
         missing.append(ds + "*model_states.pt")
+    # ZeRO-3 writes one model-states file per rank (ZeRO-1/2 one in all): then every rank's must be there.
+    per_rank_models = any(f.startswith(ds) and f.endswith("_model_states.pt") and "zero_pp_rank_" in f for f in files)
     for rank in range(world if isinstance(world, int) and world > 0 else 1):
+        if per_rank_models and not any(
+            f.startswith(ds) and re.search(rf"(^|_)zero_pp_rank_{rank}_mp_rank_\d+_model_states\.pt$", f[len(ds) :])
+            for f in files
+        ):
+            missing.append(f"{ds}zero_pp_rank_{rank}_*model_states.pt")
         if f"seen/rank-{rank}.npy" not in files:
             missing.append(f"seen/rank-{rank}.npy")
         shard = re.compile(rf"(^|_)zero_pp_rank_{rank}_mp_rank_\d+_optim_states\.pt$")

@@ -29,6 +29,8 @@ from vistralv_ray.errors import RecordError
 from vistralv_ray.evaluation.benchmarks import clean_answer, get_benchmark
 from vistralv_ray.evaluation.formats import Item
 from vistralv_ray.logging import get_logger
+from vistralv_ray.text.conversation import CONTROL_STRINGS, reject_control_strings
+from vistralv_ray.text.templates import IMAGE_TOKEN
 from vistralv_ray.training.metrics import BENCH_PREFIX
 
 log = get_logger(__name__)
@@ -36,7 +38,7 @@ log = get_logger(__name__)
 
 def load_subset(settings: TrainBenchmark) -> list[Item]:
     """The questions the run's benchmark step asks: the file's first `max_questions` with an image that
-    decodes (a question without one is left out and counted in the log line)."""
+    decodes and no control token in its text (a question left out is counted in the log line)."""
     from vistralv_ray.data.images import verify_image
 
     path = Path(settings.data).expanduser()
@@ -51,6 +53,9 @@ def load_subset(settings: TrainBenchmark) -> list[Item]:
             if item.image is None:
                 raise RecordError("missing_image", "no image")
             verify_image(item.image)
+            # Checked here, once, not by every worker after the model is built: a control token in a
+            # question would stop each rank (and each retry) at its first benchmark step.
+            reject_control_strings(item.question or "", (*CONTROL_STRINGS, IMAGE_TOKEN), "the question")
         except RecordError as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             continue

@@ -157,7 +157,9 @@ def check_prepared_pixels(cfg: Config, base: Path | None = None) -> None:
             for manifest_uri in _data_manifests(uri, base or Path.cwd()):
                 if not storage.exists(manifest_uri):
                     continue
-                entry = json.loads(storage.read_bytes(manifest_uri)).get("pixels")
+                manifest = json.loads(storage.read_bytes(manifest_uri))
+                warn_looser_prepare_limits(cfg, key, manifest_uri, manifest)
+                entry = manifest.get("pixels")
                 if not entry:
                     continue
                 expected = expected or pixels_for_model(cfg.model)
@@ -175,6 +177,30 @@ def check_prepared_pixels(cfg: Config, base: Path | None = None) -> None:
                     "for this recipe; prepare the data again with this recipe (`vistralv-ray prepare "
                     "--store-pixels --config <recipe>`), or train on shards of the original images"
                 )
+
+
+# Input limits `prepare` records in the manifest, which training applies again (data.<same name>).
+_PREPARE_LIMITS = ("max_image_pixels", "max_message_chars", "max_record_chars")
+
+
+def warn_looser_prepare_limits(cfg: Config, key: str, manifest_uri: str, manifest: dict) -> None:
+    """Shards prepared under looser limits than this run's hold records training will reject (counted,
+    as too_many_pixels / text_too_long): the epoch is shorter than the manifest's count. Say so first."""
+    for name in _PREPARE_LIMITS:
+        prepared, here = manifest.get(name), getattr(cfg.data, name)
+        if isinstance(prepared, int) and prepared > here:
+            log.warning(
+                "%s: %s was prepared with %s = %d, above this run's data.%s = %d: records prepare accepted "
+                "will be rejected in training; --set data.%s=%d trains on all of them",
+                key,
+                manifest_uri,
+                name,
+                prepared,
+                name,
+                here,
+                name,
+                prepared,
+            )
 
 
 def static_checks(cfg: Config, environ: dict[str, str] | None = None, base: Path | None = None) -> None:
@@ -310,6 +336,39 @@ def resolve_gpu_from_node_types(cfg: Config, node_types: list[NodeType] | None, 
     )
 
 
+# Resources every Ray node has; anything else in a bundle is a custom resource some nodes advertise.
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def unoffered_resources(cfg: Config, live: list[NodeType]) -> list[str]:
+    """The custom resources the recipe places its workers and actors by that no live node offers."""
+    wanted = [("scaling.resources_per_worker", k) for k in cfg.scaling.resources_per_worker]
+    wanted += [("data.preprocess_resources", k) for k in cfg.data.preprocess_resources]
+    return [
+        f"{key}: {name!r}"
+        for key, name in wanted
+        if name not in _BUILTIN_RESOURCES
+        and not name.startswith("accelerator_type:")
+        and not any(n.resources.get(name, 0) > 0 for n in live)
+    ]
+
+
+def warn_unoffered_resources(cfg: Config, live: list[NodeType], address: str) -> None:
+    """A cluster whose node types cannot be read (KubeRay, `ray start`, `ray://`): a custom resource no
+    live node offers may come with a node an autoscaler adds, or never, when nothing adds nodes and the
+    run would wait for it forever. Which of the two cannot be told from here: say it loudly, first."""
+    missing = unoffered_resources(cfg, live)
+    if missing:
+        log.warning(
+            "no node of the cluster at %s offers %s: the run waits until an autoscaler adds such a node. "
+            "On a cluster that adds none (ray start, a fixed KubeRay group) it would wait forever: start "
+            "the nodes with these resources (ray start --resources '{\"trainer\": 8}'; cluster/README.md), "
+            "or place by CPUs/GPUs alone: --set scaling.resources_per_worker={} --set data.preprocess_resources={}",
+            address,
+            "; ".join(missing),
+        )
+
+
 # ---- the driver's hook -------------------------------------------------------------------------------
 
 
@@ -346,6 +405,8 @@ def run_preflight(cfg: Config) -> Config:
         check_resources_fit(cfg, node_types, use_gpu, where=f"the launcher config {BOOTSTRAP_CONFIG}")
     elif local and live:
         check_resources_fit(cfg, live, use_gpu, where=f"the cluster at {address}")
+    else:
+        warn_unoffered_resources(cfg, live, address)
     if cfg.scaling.use_gpu == "auto":
         log.info("scaling.use_gpu: auto resolved to %s for this cluster", use_gpu)
     return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu=use_gpu))
