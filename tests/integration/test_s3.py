@@ -98,8 +98,12 @@ def keys(s3, prefix: str) -> set[str]:
 def test_prepare_writes_shards_manifest_and_rejections_to_s3(s3, s3_corpus):
     source, n = s3_corpus
     out = f"s3://{BUCKET}/prepared/train"
+    # The input itself from the bucket too: streamed through s3fs with retried reads (storage.open_stream).
+    s3.upload_file(str(source), BUCKET, "src/train.json")
     # Shards are built by Ray tasks (more than one shard): they read images from and write to S3.
-    manifest = prepare(source, PrepareOptions(f"s3://{BUCKET}/images", out, shard_size=16), progress=False)
+    manifest = prepare(
+        f"s3://{BUCKET}/src/train.json", PrepareOptions(f"s3://{BUCKET}/images", out, shard_size=16), progress=False
+    )
     assert manifest["records_in"] == n and manifest["records_out"] == n - 1
     assert manifest["rejected"] == {"missing_image": 1}
     names = [s["name"] for s in manifest["shards"]]

@@ -98,3 +98,69 @@ def test_an_unreadable_object_is_left_to_the_caller(monkeypatch, sleeps):
     with pytest.raises(OSError, match="InvalidObjectState"):
         storage.read_bytes("s3://bucket/key")
     assert client.calls == 1 and not sleeps
+
+
+class ObjectThatResets:
+    """An s3fs-like client whose object stream resets the connection once, after `fail_at` bytes."""
+
+    def __init__(self, data: bytes, fail_at: int, fault: BaseException):
+        self.data, self.fail_at, self.fault = data, fail_at, fault
+        self.opened_at: list[int] = []
+
+    def open(self, path, mode):
+        client = self
+
+        class Stream:
+            def __init__(self):
+                self.pos = 0
+
+            def seek(self, offset):
+                self.pos = offset
+                client.opened_at.append(offset)
+
+            def read(self, size=-1):
+                end = len(client.data) if size < 0 else min(len(client.data), self.pos + size)
+                if client.fault is not None and end > client.fail_at:
+                    fault, client.fault = client.fault, None
+                    raise fault
+                chunk = client.data[self.pos : end]
+                self.pos = end
+                return chunk
+
+            def close(self):
+                pass
+
+        return Stream()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_connection_reset_mid_object_reopens_it_where_the_reading_stopped(monkeypatch, sleeps, suffix):
+    """`prepare` streams its S3 input; a reset in the middle of the object is retried from the offset
+    already read (every record once, none twice), not the end of the command."""
+    import json
+
+    from vistralv_ray.data import sources
+
+    records = [{"id": str(i), "text": "x" * 300} for i in range(20_000)]  # ~6.6 MB: several 1 MiB reads
+    if suffix == ".jsonl":
+        data = "\n".join(json.dumps(r) for r in records).encode()
+    else:
+        data = json.dumps(records).encode()
+    client = ObjectThatResets(data, fail_at=len(data) // 2, fault=ConnectionResetError(errno.ECONNRESET, "reset"))
+    use(monkeypatch, client)
+    monkeypatch.setattr(storage, "filesystem_for", lambda uri: (None, "bucket/input" + suffix))
+    rows = list(sources._rows("s3://bucket/input" + suffix))
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert client.opened_at[0] == 0 and len(client.opened_at) == 2 and 0 < client.opened_at[1] <= len(data) // 2
+    assert len(sleeps) == 1
+
+
+def test_a_read_that_keeps_failing_is_one_storage_error(monkeypatch, sleeps):
+    class Down:
+        def open(self, path, mode):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    use(monkeypatch, Down())
+    monkeypatch.setattr(storage, "filesystem_for", lambda uri: (None, "bucket/input.jsonl"))
+    with pytest.raises(StorageError, match="still failing after"), storage.open_stream("s3://bucket/input.jsonl") as f:
+        f.read(10)

@@ -65,10 +65,9 @@ def list_parts(input_path: str | Path) -> list[str]:
 
 
 def _open_binary(uri: str):
-    """A binary stream of a local file or an S3 object, read as it is consumed."""
+    """A binary stream of a local file or an S3 object, read as it is consumed (S3 reads retried)."""
     if storage.is_s3(uri):
-        fs, path = storage.filesystem_for(uri)
-        return fs.open_input_stream(path)
+        return storage.open_stream(uri)
     return Path(uri).open("rb")
 
 

@@ -11,6 +11,7 @@ all or nothing: a local file is written under a temporary name and renamed, an S
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import glob as globlib
@@ -194,6 +195,52 @@ def read_bytes(uri: str) -> bytes:
         return _with_retries(lambda: client.cat_file(path), uri, "read")
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+class _RetryingObjectReader:
+    """An S3 object read front to back as a stream, each read retried like any other S3 call
+    (`_with_retries`): a fault in the middle of the object re-opens it at the offset already read,
+    so a connection reset 3 GB into a JSON file costs one retry, not the whole `prepare`."""
+
+    def __init__(self, client, path: str, uri: str):
+        self._client, self._path, self._uri = client, path, uri
+        self._file = None
+        self._offset = 0
+
+    def read(self, size: int = -1) -> bytes:
+        def attempt() -> bytes:
+            if self._file is None:
+                self._file = self._client.open(self._path, "rb")
+                self._file.seek(self._offset)
+            try:
+                return self._file.read(size)
+            except Exception:
+                self.close()  # the next try opens the object again at self._offset
+                raise
+
+        data = _with_retries(attempt, self._uri, "read")
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_stream(uri: str):
+    """A binary stream of a file or object, read as it is consumed (S3 reads retried, see above)."""
+    fs, path = filesystem_for(uri)
+    if is_s3(uri) and (client := _s3_client(fs)):
+        return _RetryingObjectReader(client, path, uri)
+    return fs.open_input_stream(path)
 
 
 def temporary_name(path: str) -> str:
